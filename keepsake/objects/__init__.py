@@ -1,0 +1,1 @@
+"""Content-addressed objects: ids, chunking, codecs, manifests, packs, the object database."""

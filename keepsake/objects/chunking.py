@@ -1,0 +1,106 @@
+"""Content-defined chunking with FastCDC (pyfastcdc), file by file (FORMAT.md §4).
+
+Files are cut in windows (mmap for regular files, reads for streams) so memory stays bounded
+for any file size. The last chunk of a window may only be cut because the window ended, so it
+is dropped and cutting resumes at its start with the next window: the cut points are exactly
+those of cutting the whole file at once.
+"""
+
+from __future__ import annotations
+
+import mmap
+import os
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import BinaryIO
+
+from pyfastcdc.cy import FastCDC  # type: ignore[import-untyped]
+
+WINDOW = 16 << 20
+_POPULATE = getattr(mmap, "MAP_POPULATE", 0)
+
+
+@dataclass(frozen=True)
+class ChunkerParams:
+    """FastCDC parameters; stored in the repository config so dedup never silently changes."""
+
+    avg_size: int = 64 << 10
+    min_size: int = 16 << 10
+    max_size: int = 256 << 10
+
+    def to_dict(self) -> dict[str, int]:
+        return {"avg_size": self.avg_size, "min_size": self.min_size, "max_size": self.max_size}
+
+
+class Chunker:
+    """Cuts bytes, files and streams into content-defined chunks (memoryviews)."""
+
+    def __init__(self, params: ChunkerParams = ChunkerParams(), window: int = WINDOW) -> None:
+        self.params = params
+        self._cdc = FastCDC(
+            avg_size=params.avg_size, min_size=params.min_size, max_size=params.max_size
+        )
+        self._window = max(window, params.max_size * 2)
+
+    def cut_bytes(self, data: bytes | bytearray | memoryview) -> Iterator[memoryview]:
+        """Cut an in-memory buffer into chunks."""
+        view = memoryview(data).cast("B")
+        if not len(view):
+            return
+        for chunk in self._cdc.cut_buf(view):
+            yield view[chunk.offset : chunk.offset + chunk.length]
+
+    def cut_file(self, path: str | os.PathLike[str]) -> Iterator[memoryview]:
+        """Cut a regular file, mapping it a window at a time.
+
+        Each chunk is a view into a read-only mapping that stays alive while the view does.
+        """
+        with open(path, "rb") as f:
+            size = os.fstat(f.fileno()).st_size
+            offset = 0
+            gran = mmap.ALLOCATIONGRANULARITY
+            while offset < size:
+                base = offset - offset % gran
+                length = min(self._window, size - base)
+                # MAP_POPULATE maps the whole window in one go instead of a page fault per
+                # 4 KiB on first touch (measured: chunking twice as fast from page cache).
+                window = mmap.mmap(
+                    f.fileno(), length, flags=mmap.MAP_SHARED | _POPULATE, prot=mmap.PROT_READ, offset=base
+                )
+                view = memoryview(window)[offset - base :]
+                at_end = base + length >= size
+                chunks = self._cdc.cut_buf(view)
+                for chunk, following in _with_next(chunks):
+                    if following is None and not at_end:
+                        break
+                    yield view[chunk.offset : chunk.offset + chunk.length]
+                    offset += chunk.length
+
+    def cut_stream(self, stream: BinaryIO) -> Iterator[memoryview]:
+        """Cut a stream (stdin, a pipe); each chunk is a fresh view that the caller may keep."""
+        carry = b""
+        while True:
+            block = stream.read(self._window)
+            data = carry + block if carry else block
+            at_end = not block
+            if not data:
+                return
+            view = memoryview(data)
+            consumed = 0
+            for chunk, following in _with_next(self._cdc.cut_buf(view)):
+                if following is None and not at_end:
+                    break
+                yield view[chunk.offset : chunk.offset + chunk.length]
+                consumed = chunk.offset + chunk.length
+            carry = bytes(view[consumed:])
+            if at_end:
+                return
+
+
+def _with_next(chunks: Iterator[object]) -> Iterator[tuple[object, object | None]]:
+    it = iter(chunks)
+    current = next(it, None)
+    while current is not None:
+        following = next(it, None)
+        yield current, following
+        current = following

@@ -1,0 +1,399 @@
+"""The object database: content objects in packs, found through index files (FORMAT.md §6-§8).
+
+Reads verify the hash of every object. Writes go through an :class:`ObjectWriter`, which
+deduplicates against everything already indexed, compresses on worker threads, writes full
+packs in the background, and on :meth:`ObjectWriter.flush` writes the remaining pack and then
+one index file for the packs it wrote. An object is visible to readers only once its index
+file exists, and the index is written only after its packs are stored (write ordering, §8).
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+from collections import deque
+from collections.abc import Iterable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
+
+from keepsake.errors import CorruptObject, KeyNotFound, ObjectNotFound, WrongObjectType
+from keepsake.objects.cache import FileCache
+from keepsake.objects.envelope import open_object, seal_many
+from keepsake.objects.ids import ObjectId, ObjectType, hash_object
+from keepsake.objects.manifests import Blob, Tree
+from keepsake.objects.pack import (
+    PackBuilder,
+    PackEntry,
+    PackId,
+    decode_index,
+    encode_index,
+    index_key,
+    pack_key,
+)
+from keepsake.storage import Storage
+
+#: Target pack size; a pack closes at the first object that takes it past this.
+PACK_SIZE = 32 << 20
+#: Ranged reads are merged when the gap between them is smaller than this.
+READ_GAP = 256 << 10
+#: Largest single ranged read.
+READ_SPAN = 16 << 20
+
+
+def default_workers() -> int:
+    return max(2, os.cpu_count() or 2)
+
+
+@dataclass
+class WriteStats:
+    """What a writer did: objects and bytes new to the repository, and what dedup skipped."""
+
+    objects_written: int = 0
+    objects_skipped: int = 0
+    logical_written: int = 0
+    logical_skipped: int = 0
+    stored_bytes: int = 0
+    packs_written: int = 0
+
+
+class ObjectDB:
+    """Packs and indexes in one :class:`~keepsake.storage.Storage`."""
+
+    def __init__(self, storage: Storage, cache: FileCache | None = None, workers: int | None = None) -> None:
+        self.storage = storage
+        self._cache = cache
+        self._workers = workers or default_workers()
+        self._entries: dict[ObjectId, PackEntry] = {}
+        self._indexes: set[str] = set()
+        self._loaded = False
+        self._lock = threading.Lock()
+        self._pool: ThreadPoolExecutor | None = None
+
+    # -- index ------------------------------------------------------------------------------
+
+    def refresh(self) -> None:
+        """Load every index file not loaded yet (from the local cache when it has them)."""
+        infos = self.storage.list("index/")
+        for info in infos:
+            index_id = info.key.rsplit("/", 1)[-1]
+            if index_id in self._indexes:
+                continue
+            data = self._cache.get(info.key) if self._cache else None
+            if data is None:
+                try:
+                    data = self.storage.read(info.key)
+                except KeyNotFound:
+                    continue  # removed by a concurrent repack; its replacement is listed too
+                if self._cache:
+                    self._cache.put(info.key, data)
+            self._add_index(index_id, decode_index(data, index_id))
+        self._loaded = True
+
+    def _add_index(self, index_id: str, packs: dict[PackId, list[PackEntry]]) -> None:
+        with self._lock:
+            for entries in packs.values():
+                for e in entries:
+                    self._entries.setdefault(e.id, e)
+            self._indexes.add(index_id)
+
+    def _ensure_loaded(self) -> None:
+        if not self._loaded:
+            self.refresh()
+
+    def has(self, object_id: ObjectId) -> bool:
+        self._ensure_loaded()
+        return object_id in self._entries
+
+    def locate(self, object_id: ObjectId) -> PackEntry:
+        """Return where ``object_id`` is stored. Raises ObjectNotFound."""
+        self._ensure_loaded()
+        entry = self._entries.get(object_id)
+        if entry is None:
+            self.refresh()  # another writer may have added it since we loaded
+            entry = self._entries.get(object_id)
+        if entry is None:
+            raise ObjectNotFound(object_id)
+        return entry
+
+    def entries(self) -> dict[ObjectId, PackEntry]:
+        """Every indexed object (a snapshot)."""
+        self._ensure_loaded()
+        with self._lock:
+            return dict(self._entries)
+
+    def find_prefix(self, prefix: str) -> list[ObjectId]:
+        self._ensure_loaded()
+        return [oid for oid in self._entries if oid.startswith(prefix)]
+
+    # -- reads ------------------------------------------------------------------------------
+
+    def _executor(self) -> ThreadPoolExecutor:
+        if self._pool is None:
+            self._pool = ThreadPoolExecutor(self._workers, thread_name_prefix="keepsake-decode")
+        return self._pool
+
+    def read_envelopes(self, entries: list[PackEntry]) -> list[bytes]:
+        """Fetch the stored envelopes of ``entries`` with as few ranged reads as possible."""
+        order = sorted(range(len(entries)), key=lambda i: (entries[i].pack, entries[i].offset))
+        spans: list[tuple[PackId, int, int, list[int]]] = []
+        for i in order:
+            e = entries[i]
+            if spans:
+                pack, start, end, members = spans[-1]
+                if pack == e.pack and e.offset - end < READ_GAP and e.end - start <= READ_SPAN and e.offset >= start:
+                    spans[-1] = (pack, start, max(end, e.end), members + [i])
+                    continue
+            spans.append((e.pack, e.offset, e.end, [i]))
+        try:
+            blobs = self.storage.read_ranges([(pack_key(p), s, e) for p, s, e, _ in spans])
+        except KeyNotFound as exc:
+            missing = next(e for e in entries if pack_key(e.pack) == exc.key)
+            raise CorruptObject(missing.id, f"its pack {missing.pack} is missing") from exc
+        out: list[bytes] = [b""] * len(entries)
+        for (_, start, _, members), data in zip(spans, blobs):
+            view = memoryview(data)
+            for i in members:
+                e = entries[i]
+                out[i] = view[e.offset - start : e.end - start]  # type: ignore[call-overload]
+        return out
+
+    def get(self, object_id: ObjectId, expected: ObjectType | None = None) -> bytes:
+        """Return the verified content of ``object_id``.
+
+        Raises:
+            ObjectNotFound: no such object is indexed.
+            WrongObjectType: it exists but is not of type ``expected``.
+            CorruptObject: its bytes are damaged or its pack is missing/truncated.
+        """
+        return self.get_typed(object_id, expected)[1]
+
+    def get_typed(self, object_id: ObjectId, expected: ObjectType | None = None) -> tuple[ObjectType, bytes]:
+        entry = self.locate(object_id)
+        if expected is not None and entry.type != expected:
+            raise WrongObjectType(object_id, expected.label, entry.type.label)
+        cache_key = f"objects/{object_id}"
+        if self._cache and entry.type != ObjectType.CHUNK:
+            cached = self._cache.get(cache_key)
+            if cached is not None:
+                return open_object(cached, object_id)
+        envelope = self._read_one(entry)
+        result = open_object(envelope, object_id)
+        if self._cache and entry.type != ObjectType.CHUNK:
+            self._cache.put(cache_key, bytes(envelope))
+        return result
+
+    def _read_one(self, entry: PackEntry) -> bytes:
+        try:
+            return self.storage.read_range(pack_key(entry.pack), entry.offset, entry.end)
+        except KeyNotFound as exc:
+            raise CorruptObject(entry.id, f"its pack {entry.pack} is missing") from exc
+        except Exception as exc:
+            if "short read" in str(exc):
+                raise CorruptObject(entry.id, f"its pack {entry.pack} is truncated") from exc
+            raise
+
+    def get_blob(self, object_id: ObjectId) -> Blob:
+        return Blob.decode(self.get(object_id, ObjectType.BLOB), object_id)
+
+    def get_tree(self, object_id: ObjectId) -> Tree:
+        return Tree.decode(self.get(object_id, ObjectType.TREE), object_id)
+
+    def iter_chunks(self, chunk_ids: Iterable[ObjectId], batch_bytes: int = 16 << 20) -> Iterator[bytes]:
+        """Yield the verified content of each chunk in order, reading ahead in batches.
+
+        Reads of the next batch overlap with decoding of the current one; memory stays
+        around two batches.
+        """
+        pool = self._executor()
+
+        def batches() -> Iterator[list[PackEntry]]:
+            batch: list[PackEntry] = []
+            size = 0
+            for cid in chunk_ids:
+                e = self.locate(cid)
+                if e.type != ObjectType.CHUNK:
+                    raise WrongObjectType(cid, "chunk", e.type.label)
+                batch.append(e)
+                size += e.raw_length
+                if size >= batch_bytes:
+                    yield batch
+                    batch, size = [], 0
+            if batch:
+                yield batch
+
+        def fetch(batch: list[PackEntry]) -> tuple[list[PackEntry], list[bytes]]:
+            return batch, self.read_envelopes(batch)
+
+        pending: deque[Future[tuple[list[PackEntry], list[bytes]]]] = deque()
+        it = batches()
+        for batch in it:
+            pending.append(pool.submit(fetch, batch))
+            if len(pending) >= 2:
+                yield from self._decode_batch(*pending.popleft().result())
+        while pending:
+            yield from self._decode_batch(*pending.popleft().result())
+
+    def _decode_batch(self, batch: list[PackEntry], envelopes: list[bytes]) -> Iterator[bytes]:
+        def decode(pair: tuple[PackEntry, bytes]) -> bytes:
+            return open_object(pair[1], pair[0].id)[1]
+
+        # decode on the calling thread plus the pool: zstd releases the GIL
+        yield from map(decode, zip(batch, envelopes)) if len(batch) < 4 else self._executor().map(
+            decode, zip(batch, envelopes)
+        )
+
+    def iter_blob(self, blob: Blob) -> Iterator[bytes]:
+        """Yield the bytes of a file, chunk by chunk."""
+        if blob.inline is not None:
+            if blob.inline:
+                yield blob.inline
+            return
+        yield from self.iter_chunks(cid for cid, _ in blob.chunks)
+
+    # -- writes -----------------------------------------------------------------------------
+
+    def writer(self, pack_size: int = PACK_SIZE) -> ObjectWriter:
+        return ObjectWriter(self, pack_size)
+
+    def _publish(self, index_id: str, packs: dict[PackId, list[PackEntry]], data: bytes) -> None:
+        self.storage.write(index_key(index_id), data)
+        if self._cache:
+            self._cache.put(index_key(index_id), data)
+        self._add_index(index_id, packs)
+
+    def close(self) -> None:
+        if self._pool is not None:
+            self._pool.shutdown(wait=True)
+            self._pool = None
+
+
+class ObjectWriter:
+    """Adds objects to an :class:`ObjectDB`; see the module docstring for the ordering.
+
+    Use as a context manager: leaving the block normally flushes; leaving it with an
+    exception removes the packs this writer wrote that no index names yet.
+    """
+
+    #: compression batches in flight, and the size of one batch: bound memory (~8 MiB)
+    MAX_PENDING = 8
+    BATCH_BYTES = 2 << 20
+
+    def __init__(self, db: ObjectDB, pack_size: int) -> None:
+        self._db = db
+        self._pack_size = pack_size
+        self._pool = ThreadPoolExecutor(db._workers, thread_name_prefix="keepsake-compress")
+        self._uploader = ThreadPoolExecutor(1, thread_name_prefix="keepsake-pack-writer")
+        self._batch: list[tuple[ObjectId, ObjectType, bytes | memoryview]] = []
+        self._batch_bytes = 0
+        self._pending: deque[tuple[list[tuple[ObjectId, ObjectType, int]], Future[list[tuple[bytes, bytes]]]]] = deque()
+        self._builder = PackBuilder(pack_size + (1 << 20))
+        self._uploads: deque[tuple[PackId, list[PackEntry], bytearray, Future[None]]] = deque()
+        self._written: dict[PackId, list[PackEntry]] = {}
+        self._seen: set[ObjectId] = set()
+        self.stats = WriteStats()
+
+    def __enter__(self) -> ObjectWriter:
+        return self
+
+    def __exit__(self, exc_type: object, exc: object, tb: object) -> None:
+        if exc_type is None:
+            self.flush()
+            self.close()
+        else:
+            self.abort()
+
+    def put(self, object_type: ObjectType, data: bytes | memoryview, object_id: ObjectId | None = None) -> ObjectId:
+        """Add an object unless the repository already has it; returns its id.
+
+        ``data`` must stay unchanged until the next :meth:`flush` (views into a mapped file
+        are fine: they keep the mapping alive).
+        """
+        oid = object_id or hash_object(object_type, data)
+        if oid in self._seen or self._db.has(oid):
+            self.stats.objects_skipped += 1
+            self.stats.logical_skipped += len(data)
+            return oid
+        self._seen.add(oid)
+        self._batch.append((oid, object_type, data))
+        self._batch_bytes += len(data)
+        self.stats.objects_written += 1
+        self.stats.logical_written += len(data)
+        if self._batch_bytes >= self.BATCH_BYTES:
+            self._submit_batch()
+            self._drain(self.MAX_PENDING)
+        return oid
+
+    def _submit_batch(self) -> None:
+        # One task per ~2 MiB: per-chunk tasks cost more in executor overhead and GIL
+        # hand-offs than the compression itself.
+        if not self._batch:
+            return
+        batch = self._batch
+        meta = [(oid, otype, len(data)) for oid, otype, data in batch]
+        self._pending.append((meta, self._pool.submit(seal_many, [(t, d) for _, t, d in batch])))
+        self._batch = []
+        self._batch_bytes = 0
+
+    def _drain(self, limit: int) -> None:
+        while len(self._pending) > limit:
+            meta, fut = self._pending.popleft()
+            for (oid, otype, raw_length), (header, payload) in zip(meta, fut.result()):
+                self._builder.add(oid, otype, raw_length, header, payload)
+                if self._builder.size >= self._pack_size:
+                    self._finish_pack()
+
+    def _finish_pack(self) -> None:
+        pack_id, data, entries, buf = self._builder.finish()
+        # at most one pack waits while the next is being built: bounded memory
+        while len(self._uploads) >= 1:
+            self._complete_upload()
+        fut = self._uploader.submit(self._db.storage.write, pack_key(pack_id), data)
+        self._uploads.append((pack_id, entries, buf, fut))
+        self.stats.stored_bytes += len(data)
+        self.stats.packs_written += 1
+
+    def _complete_upload(self) -> None:
+        pack_id, entries, buf, fut = self._uploads.popleft()
+        fut.result()
+        self._builder.recycle(buf)
+        self._written[pack_id] = entries
+
+    def flush(self) -> None:
+        """Store everything put so far: packs first, then one index file naming them."""
+        self._submit_batch()
+        self._drain(0)
+        if len(self._builder):
+            self._finish_pack()
+        while self._uploads:
+            self._complete_upload()
+        if self._written:
+            index_id, data = encode_index(self._written)
+            self._db._publish(index_id, self._written, data)
+            self.stats.stored_bytes += len(data)
+            self._written = {}
+        self._seen.clear()
+
+    def abort(self) -> None:
+        """Drop what was not flushed and delete packs that no index names."""
+        for _, fut in self._pending:
+            fut.cancel()
+        self._pending.clear()
+        self._batch = []
+        for pack_id, entries, _, fut in list(self._uploads):
+            fut.exception()  # wait; a failed write may have left nothing, delete is a no-op then
+            self._written[pack_id] = entries
+        self._uploads.clear()
+        for pack_id in self._written:
+            self._db.storage.delete(pack_key(pack_id))
+        self._written = {}
+        self._builder = PackBuilder(self._pack_size + (1 << 20))
+        self.close()
+
+    def close(self) -> None:
+        self._pool.shutdown(wait=True)
+        self._uploader.shutdown(wait=True)
+
+
+def put_value(writer: ObjectWriter, value: Blob | Tree) -> ObjectId:
+    """Store a manifest value and return its id."""
+    return writer.put(value.TYPE, value.encode())

@@ -1,0 +1,229 @@
+"""Snapshots of local files and directories into objects, and checkouts back (FORMAT.md §5).
+
+Symlinks are stored as links (their target text) and never followed inside a tree.
+``.keepsakeignore`` files use gitignore syntax; ``.keepsake`` and ``.git`` are always skipped.
+Checkout never writes outside its target directory: entry names are validated on decode,
+existing symlinks in the way are replaced rather than followed, and files are opened with
+O_NOFOLLOW.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import stat
+from collections.abc import Iterable
+from dataclasses import dataclass
+from typing import BinaryIO, Protocol
+
+import pathspec
+
+from keepsake.errors import CheckoutConflict, PathNotFound, UnsafePath
+from keepsake.objects.chunking import Chunker
+from keepsake.objects.database import ObjectDB
+from keepsake.objects.ids import ObjectId, ObjectType, hash_object
+from keepsake.objects.manifests import (
+    INLINE_LIMIT,
+    MODE_EXECUTABLE,
+    MODE_FILE,
+    MODE_SYMLINK,
+    MODE_TREE,
+    Blob,
+    Tree,
+    TreeEntry,
+    check_entry_name,
+)
+
+IGNORE_FILE = ".keepsakeignore"
+ALWAYS_SKIP = frozenset({".keepsake", ".git"})
+
+
+class ObjectSink(Protocol):
+    """Where snapshots put objects: an ObjectWriter, or a HashOnly sink that stores nothing."""
+
+    def put(self, object_type: ObjectType, data: bytes | memoryview, object_id: ObjectId | None = None) -> ObjectId: ...
+
+
+class HashOnly:
+    """An ObjectSink that computes ids and stores nothing (``hash-object`` without ``-w``)."""
+
+    def put(self, object_type: ObjectType, data: bytes | memoryview, object_id: ObjectId | None = None) -> ObjectId:
+        return object_id or hash_object(object_type, data)
+
+
+def _blob_from_chunks(sink: ObjectSink, chunks: Iterable[memoryview]) -> Blob:
+    it = iter(chunks)
+    first = next(it, None)
+    if first is None:
+        return Blob(0, (), b"")
+    if len(first) < INLINE_LIMIT:
+        # a chunk shorter than the minimum chunk size is always the last: the whole file
+        return Blob(len(first), (), bytes(first))
+    parts = [(sink.put(ObjectType.CHUNK, first), len(first))]
+    parts.extend((sink.put(ObjectType.CHUNK, view), len(view)) for view in it)
+    return Blob(sum(n for _, n in parts), tuple(parts))
+
+
+def write_blob_from_file(sink: ObjectSink, chunker: Chunker, path: str) -> tuple[ObjectId, Blob]:
+    """Store the file at ``path``; returns its blob id and blob."""
+    try:
+        blob = _blob_from_chunks(sink, chunker.cut_file(path))
+    except FileNotFoundError as exc:
+        raise PathNotFound(path) from exc
+    except IsADirectoryError as exc:
+        raise PathNotFound(path, "is a directory") from exc
+    except PermissionError as exc:
+        raise PathNotFound(path, "permission denied") from exc
+    except OSError as exc:
+        raise PathNotFound(path, exc.strerror or str(exc)) from exc
+    return sink.put(ObjectType.BLOB, blob.encode()), blob
+
+
+def write_blob_from_stream(sink: ObjectSink, chunker: Chunker, stream: BinaryIO) -> tuple[ObjectId, Blob]:
+    blob = _blob_from_chunks(sink, chunker.cut_stream(stream))
+    return sink.put(ObjectType.BLOB, blob.encode()), blob
+
+
+@dataclass
+class _Ignore:
+    root: str
+    spec: pathspec.PathSpec | None
+
+    @classmethod
+    def load(cls, root: str) -> _Ignore:
+        try:
+            with open(os.path.join(root, IGNORE_FILE), encoding="utf-8") as f:
+                return cls(root, pathspec.GitIgnoreSpec.from_lines(f.read().splitlines()))
+        except FileNotFoundError:
+            return cls(root, None)
+
+    def skips(self, relpath: str, is_dir: bool) -> bool:
+        if self.spec is None:
+            return False
+        return self.spec.match_file(relpath + "/" if is_dir else relpath)
+
+
+def write_tree(
+    sink: ObjectSink,
+    chunker: Chunker,
+    directory: str,
+    extra_skip: frozenset[str] = frozenset(),
+) -> tuple[ObjectId, Tree]:
+    """Store ``directory`` recursively; returns the root tree id and tree.
+
+    Args:
+        extra_skip: more directory/file names to skip anywhere (e.g. virtualenvs).
+
+    Raises:
+        PathNotFound: ``directory`` is missing, not a directory, or something in it is
+            unreadable.
+    """
+    if not os.path.isdir(directory):
+        raise PathNotFound(directory, "not a directory" if os.path.exists(directory) else "no such directory")
+    ignore = _Ignore.load(directory)
+    skip = ALWAYS_SKIP | extra_skip
+    return _write_dir(sink, chunker, directory, "", ignore, skip)
+
+
+def _write_dir(
+    sink: ObjectSink, chunker: Chunker, path: str, rel: str, ignore: _Ignore, skip: frozenset[str]
+) -> tuple[ObjectId, Tree]:
+    entries = []
+    try:
+        listing = sorted(os.scandir(path), key=lambda d: d.name.encode("utf-8", "surrogateescape"))
+    except PermissionError as exc:
+        raise PathNotFound(path, "permission denied") from exc
+    for item in listing:
+        name = item.name
+        if name in skip or check_entry_name(name) is not None:
+            continue
+        relpath = f"{rel}{name}"
+        st = item.stat(follow_symlinks=False)
+        is_dir = stat.S_ISDIR(st.st_mode)
+        if ignore.skips(relpath, is_dir):
+            continue
+        if stat.S_ISLNK(st.st_mode):
+            target = os.readlink(item.path)
+            entries.append(TreeEntry(name, MODE_SYMLINK, len(target.encode()), None, target))
+        elif is_dir:
+            tree_id, tree = _write_dir(sink, chunker, item.path, relpath + "/", ignore, skip)
+            entries.append(TreeEntry(name, MODE_TREE, tree.size, tree_id))
+        elif stat.S_ISREG(st.st_mode):
+            blob_id, blob = write_blob_from_file(sink, chunker, item.path)
+            mode = MODE_EXECUTABLE if st.st_mode & 0o111 else MODE_FILE
+            entries.append(TreeEntry(name, mode, blob.size, blob_id))
+        # sockets, fifos and devices are not content: skipped
+    tree = Tree(tuple(entries))
+    return sink.put(ObjectType.TREE, tree.encode()), tree
+
+
+def _is_empty_dir(path: str) -> bool:
+    try:
+        with os.scandir(path) as it:
+            return next(it, None) is None
+    except FileNotFoundError:
+        return True
+
+
+def checkout_tree(db: ObjectDB, tree_id: ObjectId, directory: str, force: bool = False) -> int:
+    """Write the tree ``tree_id`` into ``directory``; returns the number of files written.
+
+    Raises:
+        CheckoutConflict: ``directory`` exists, is not empty, and ``force`` is False.
+        UnsafePath: the tree holds an entry that would land outside ``directory``.
+    """
+    if os.path.lexists(directory) and not os.path.isdir(directory):
+        raise CheckoutConflict(directory)
+    if not force and not _is_empty_dir(directory):
+        raise CheckoutConflict(directory)
+    tree = db.get_tree(tree_id)
+    os.makedirs(directory, exist_ok=True)
+    return _checkout_dir(db, tree_id, tree, os.path.realpath(directory))
+
+
+def _checkout_dir(db: ObjectDB, tree_id: ObjectId, tree: Tree, root: str) -> int:
+    written = 0
+    for entry in tree.entries:
+        if check_entry_name(entry.name) is not None:
+            raise UnsafePath(tree_id, entry.name)
+        path = os.path.join(root, entry.name)
+        if os.path.dirname(path) != root:
+            raise UnsafePath(tree_id, entry.name)
+        if entry.is_tree:
+            assert entry.id is not None
+            _clear_for(path, want_dir=True)
+            os.makedirs(path, exist_ok=True)
+            written += _checkout_dir(db, entry.id, db.get_tree(entry.id), path)
+        elif entry.is_symlink:
+            assert entry.target is not None
+            _clear_for(path, want_dir=False)
+            os.symlink(entry.target, path)
+        else:
+            assert entry.id is not None
+            _clear_for(path, want_dir=False)
+            write_file(db, db.get_blob(entry.id), path, executable=entry.mode == MODE_EXECUTABLE)
+            written += 1
+    return written
+
+
+def _clear_for(path: str, want_dir: bool) -> None:
+    """Remove whatever is at ``path`` that is in the way; symlinks are removed, not followed."""
+    try:
+        st = os.lstat(path)
+    except FileNotFoundError:
+        return
+    if stat.S_ISDIR(st.st_mode):
+        if not want_dir:
+            shutil.rmtree(path)
+    else:
+        os.unlink(path)
+
+
+def write_file(db: ObjectDB, blob: Blob, path: str, executable: bool = False) -> None:
+    """Write the content of ``blob`` to a new file at ``path`` (never through a symlink)."""
+    flags = os.O_WRONLY | os.O_CREAT | os.O_TRUNC | getattr(os, "O_NOFOLLOW", 0)
+    fd = os.open(path, flags, 0o755 if executable else 0o644)
+    with os.fdopen(fd, "wb") as f:
+        for data in db.iter_blob(blob):
+            f.write(data)
+    os.chmod(path, 0o755 if executable else 0o644)

@@ -1,0 +1,100 @@
+"""The ref store: one small key per ref under ``refs/``, updated by compare-and-swap (FORMAT.md §9).
+
+A ref's value is the 32-character object id and a newline. Every update names the value it
+expects (or None: the ref must not exist), so two writers racing on a shared ref never lose
+an update silently: the loser gets RefConflict and can re-read and retry.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import posixpath
+
+from keepsake.errors import CorruptObject, InvalidObjectId, KeyNotFound, RefConflict, RefNotFound
+from keepsake.objects.ids import ObjectId, parse_object_id
+from keepsake.refs.names import check_ref_name
+from keepsake.storage import Storage, Version
+
+PREFIX = "refs"
+
+
+def _key(name: str) -> str:
+    return posixpath.join(PREFIX, check_ref_name(name))
+
+
+def _parse(name: str, data: bytes) -> ObjectId:
+    try:
+        return parse_object_id(data.decode("ascii").strip())
+    except (UnicodeDecodeError, InvalidObjectId) as exc:
+        raise CorruptObject(f"ref {name}", "its value is not an object id") from exc
+
+
+class RefStore:
+    """Refs in one :class:`~keepsake.storage.Storage`."""
+
+    def __init__(self, storage: Storage) -> None:
+        self.storage = storage
+
+    def get(self, name: str) -> ObjectId:
+        """Return the id ``name`` points at. Raises RefNotFound."""
+        try:
+            return _parse(name, self.storage.read(_key(name)))
+        except KeyNotFound:
+            raise RefNotFound(name) from None
+
+    def get_versioned(self, name: str) -> tuple[ObjectId | None, Version | None]:
+        try:
+            data, version = self.storage.read_versioned(_key(name))
+        except KeyNotFound:
+            return None, None
+        return _parse(name, data), version
+
+    def set(self, name: str, new: ObjectId, expected: ObjectId | None = None, *, check: bool = True) -> None:
+        """Point ``name`` at ``new``.
+
+        Args:
+            expected: when ``check`` is True, the id the ref must point at now (None: the ref
+                must not exist). When ``check`` is False the ref is overwritten; use that only
+                for refs a single process owns.
+
+        Raises:
+            RefConflict: the ref's current value is not ``expected``.
+        """
+        key = _key(name)
+        value = f"{new}\n".encode()
+        if not check:
+            self.storage.write(key, value)
+            return
+        current, version = self.get_versioned(name)
+        if current != expected:
+            raise RefConflict(name, expected, current)
+        if not self.storage.swap(key, value, version):
+            raise RefConflict(name, expected, self.get_versioned(name)[0])
+
+    def delete(self, name: str, expected: ObjectId | None = None) -> None:
+        """Delete ``name``; with ``expected``, only while it still points there.
+
+        Raises:
+            RefNotFound: there is no such ref.
+            RefConflict: it points somewhere other than ``expected``.
+        """
+        current, version = self.get_versioned(name)
+        if current is None:
+            raise RefNotFound(name)
+        if expected is not None and current != expected:
+            raise RefConflict(name, expected, current)
+        if not self.storage.swap(_key(name), None, version):
+            raise RefConflict(name, expected or current, self.get_versioned(name)[0])
+
+    def list(self, pattern: str | None = None) -> dict[str, ObjectId]:
+        """Every ref (optionally matching a glob or a prefix) and the id it points at."""
+        out: dict[str, ObjectId] = {}
+        for info in self.storage.list(PREFIX + "/"):
+            name = info.key[len(PREFIX) + 1 :]
+            if pattern and not (fnmatch.fnmatchcase(name, pattern) or name.startswith(pattern.rstrip("/") + "/") or name == pattern):
+                continue
+            try:
+                out[name] = _parse(name, self.storage.read(info.key))
+            except KeyNotFound:
+                continue  # deleted while we listed
+        return out
