@@ -13,7 +13,8 @@
     │   ├── RepositoryNotFound
     │   ├── RepositoryExists
     │   ├── UnsupportedFormat           written by a newer Keepsake
-    │   └── UnknownScheme
+    │   ├── UnknownScheme
+    │   └── ConfigError                 keepsake.yaml is malformed
     ├── ObjectNotFound                  no object (or ref) with that id/name
     │   └── RefNotFound
     ├── WrongObjectType                 the id names an object of another type
@@ -123,6 +124,13 @@ class UnknownScheme(RepositoryError):
             "(use a local path, memory://, s3://, gs:// or az://, and install the "
             "matching extra, e.g. pip install 'keepsake[s3]')"
         )
+
+
+class ConfigError(RepositoryError):
+    def __init__(self, path: str, reason: str) -> None:
+        self.path = path
+        self.reason = reason
+        super().__init__(f"cannot use {path}: {reason}")
 
 
 class ObjectNotFound(KeepsakeError):

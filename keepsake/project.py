@@ -1,0 +1,86 @@
+"""Project: where a working directory keeps its repository (``keepsake.yaml``)."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from typing import Any
+
+import yaml
+
+from keepsake.errors import ConfigError
+
+CONFIG_FILE = "keepsake.yaml"
+DEFAULT_REPOSITORY = ".keepsake"
+ENV_REPOSITORY = "KEEPSAKE_REPOSITORY"
+KNOWN_KEYS = frozenset({"repository", "storage_options"})
+
+
+@dataclass(frozen=True)
+class Project:
+    """A project directory and the repository URL (and storage options) it uses."""
+
+    directory: str
+    repository: str
+    storage_options: dict[str, Any] = field(default_factory=dict)
+    config_path: str | None = None
+
+
+def find_config(start: str) -> str | None:
+    """Return the nearest ``keepsake.yaml`` at or above ``start``, or None."""
+    current = os.path.abspath(start)
+    while True:
+        candidate = os.path.join(current, CONFIG_FILE)
+        if os.path.isfile(candidate):
+            return candidate
+        parent = os.path.dirname(current)
+        if parent == current:
+            return None
+        current = parent
+
+
+def load_config(path: str) -> dict[str, Any]:
+    """Parse a keepsake.yaml. Raises ConfigError on bad YAML or unknown keys."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            doc = yaml.safe_load(f)
+    except yaml.YAMLError as exc:
+        raise ConfigError(path, f"it is not valid YAML ({exc})") from exc
+    if doc is None:
+        return {}
+    if not isinstance(doc, dict):
+        raise ConfigError(path, "it must be a mapping of keys to values")
+    unknown = sorted(set(map(str, doc)) - KNOWN_KEYS)
+    if unknown:
+        raise ConfigError(path, f"unknown keys {', '.join(unknown)} (known: {', '.join(sorted(KNOWN_KEYS))})")
+    if "repository" in doc and not isinstance(doc["repository"], str):
+        raise ConfigError(path, "'repository' must be a string URL or path")
+    if "storage_options" in doc and not isinstance(doc["storage_options"], dict):
+        raise ConfigError(path, "'storage_options' must be a mapping")
+    return doc
+
+
+def _absolute(url: str, base: str) -> str:
+    if "://" in url or os.path.isabs(url):
+        return url
+    return os.path.normpath(os.path.join(base, os.path.expanduser(url)))
+
+
+def find_project(repository: str | None = None, cwd: str | None = None) -> Project:
+    """Work out the repository to use, in order: ``repository`` (a -R flag), the
+    KEEPSAKE_REPOSITORY variable, ``repository:`` in the nearest keepsake.yaml, else
+    ``.keepsake`` in the current directory.
+    """
+    cwd = os.path.abspath(cwd or os.getcwd())
+    config_path = find_config(cwd)
+    doc = load_config(config_path) if config_path else {}
+    directory = os.path.dirname(config_path) if config_path else cwd
+    options = dict(doc.get("storage_options") or {})
+    if repository:
+        return Project(directory, _absolute(repository, cwd), options, config_path)
+    env = os.environ.get(ENV_REPOSITORY)
+    if env:
+        return Project(directory, _absolute(env, cwd), options, config_path)
+    if "repository" in doc:
+        return Project(directory, _absolute(doc["repository"], directory), options, config_path)
+    return Project(directory, os.path.join(directory, DEFAULT_REPOSITORY), options, config_path)
