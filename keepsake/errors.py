@@ -31,6 +31,8 @@ Each class keeps its data as attributes; ``str()`` is a sentence a user can act 
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 
 class KeepsakeError(Exception):
     """Root of every error raised by Keepsake."""
@@ -63,9 +65,10 @@ class InvalidObjectId(UsageError):
 class AmbiguousObjectId(UsageError):
     exit_code = 5
 
-    def __init__(self, prefix: str, candidates: list[str]) -> None:
+    def __init__(self, prefix: str, candidates: Sequence[str]) -> None:
         self.prefix = prefix
-        self.candidates = candidates
+        # FIX (typing): Sequence, so Repository.resolve can pass its list[ObjectId] (mypy)
+        self.candidates = list(candidates)
         shown = ", ".join(sorted(candidates)[:5])
         super().__init__(
             f"id prefix {prefix!r} is ambiguous: it matches {len(candidates)} objects "

@@ -138,7 +138,10 @@ def fsck(repo: Repository, progress: Callable[[str], None] | None = None) -> Fsc
 
     for oid, e in sorted(entries.items()):
         if oid not in reachable:
-            report.problems.append(Problem("unreachable", oid, e.type.label, ""))
+            # FIX: damage found in an unreachable object used to be dropped here, so fsck
+            # said "ok" with every pack gone; keep the reason (exit status is unchanged:
+            # only reachable damage counts, see FsckReport.damaged).
+            report.problems.append(Problem("unreachable", oid, e.type.label, damage.get(oid, "")))
     for pack_id in sorted(set(listed) - set(by_pack)):
         report.problems.append(Problem("unindexed-pack", pack_id, "pack", "no index names it (left by an interrupted write)"))
     return report

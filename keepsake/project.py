@@ -45,7 +45,12 @@ def load_config(path: str) -> dict[str, Any]:
         with open(path, encoding="utf-8") as f:
             doc = yaml.safe_load(f)
     except yaml.YAMLError as exc:
-        raise ConfigError(path, f"it is not valid YAML ({exc})") from exc
+        # FIX: str(exc) of a YAML error spans several lines; errors are one line
+        raise ConfigError(path, f"it is not valid YAML ({_yaml_problem(exc)})") from exc
+    except UnicodeDecodeError as exc:  # FIX: was an uncaught traceback
+        raise ConfigError(path, f"it is not UTF-8 text ({exc.reason} at byte {exc.start})") from exc
+    except OSError as exc:  # FIX: unreadable file was an uncaught traceback
+        raise ConfigError(path, exc.strerror or str(exc)) from exc
     if doc is None:
         return {}
     if not isinstance(doc, dict):
@@ -58,6 +63,15 @@ def load_config(path: str) -> dict[str, Any]:
     if "storage_options" in doc and not isinstance(doc["storage_options"], dict):
         raise ConfigError(path, "'storage_options' must be a mapping")
     return doc
+
+
+def _yaml_problem(exc: yaml.YAMLError) -> str:
+    """A one-line description of a YAML error: the problem and where it is."""
+    problem = getattr(exc, "problem", None)
+    mark = getattr(exc, "problem_mark", None)
+    if problem and mark is not None:
+        return f"{problem} at line {mark.line + 1}, column {mark.column + 1}"
+    return " ".join(str(exc).split())
 
 
 def _absolute(url: str, base: str) -> str:

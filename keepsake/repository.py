@@ -66,8 +66,11 @@ class Config:
             raise UnsupportedFormat(url, fmt, FORMAT_VERSION)
         try:
             chunker = ChunkerParams(**doc["chunker"])
+            # FIX: sizes FastCDC rejects raised a bare ValueError (a traceback in the CLI)
+            # from Repository.__init__; check them here so a bad config is CorruptObject.
+            Chunker(chunker)
             return cls(fmt, str(doc["id"]), str(doc.get("created", "")), chunker)
-        except (KeyError, TypeError) as exc:
+        except (KeyError, TypeError, ValueError) as exc:
             raise CorruptObject(f"{url}/config", f"config is not valid: {exc}") from exc
 
 

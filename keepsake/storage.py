@@ -24,7 +24,7 @@ import uuid
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from datetime import datetime
-from typing import Any, Callable, NewType, TypeVar
+from typing import Any, Callable, NewType, NoReturn, TypeVar
 from urllib.parse import quote
 
 import fsspec
@@ -122,12 +122,20 @@ class Storage:
         return posixpath.relpath("/" + path.lstrip("/"), "/" + root.lstrip("/"))
 
     def _call(self, operation: str, key: str, fn: Callable[[], _T]) -> _T:
+        # Validate the key here, outside the try: an invalid key is the caller's bug
+        # (ValueError), not a backend failure that the handlers below would wrap.
+        self._path(key)
         try:
             return fn()
         except FileNotFoundError as exc:
             raise KeyNotFound(self.url, key) from exc
         except OSError as exc:
             if exc.errno == errno.ENOENT:
+                raise KeyNotFound(self.url, key) from exc
+            # On a file system a folder can stand where a key is asked for ("a" while "a/b"
+            # exists), or a key where a folder is needed ("a/b" while "a" exists). Neither
+            # holds a value: to a read that is a missing key, as on object stores.
+            if exc.errno in (errno.EISDIR, errno.ENOTDIR) and operation in ("read", "stat", "delete"):
                 raise KeyNotFound(self.url, key) from exc
             raise StorageError(self.url, f"{operation} {key}", exc) from exc
         except (KeyNotFound, StorageError):
@@ -144,8 +152,26 @@ class Storage:
         return self._call("read", key, lambda: bytes(self._fs.cat_file(self._path(key))))
 
     def read_range(self, key: str, start: int, end: int) -> bytes:
-        """Return bytes ``[start, end)`` of ``key``."""
-        data = self._call("read", key, lambda: self._fs.cat_file(self._path(key), start, end))
+        """Return bytes ``[start, end)`` of ``key``. A range past the end is a StorageError."""
+        if start < 0 or end < start:
+            raise ValueError(f"invalid byte range [{start}, {end}) of {key!r}")
+        if start == end:
+            # HTTP cannot express an empty range: S3 ignores "bytes=4-3" and sends the whole
+            # object. Only check that the key exists, as the other backends do.
+            self._call("stat", key, lambda: self._fs.info(self._path(key)))
+            return b""
+        # Keywords, not positions: s3fs's cat_file(path, version_id, start, end) would take
+        # ``start`` as a version id.
+        try:
+            data = self._call(
+                "read", key, lambda: self._fs.cat_file(self._path(key), start=start, end=end)
+            )
+        except StorageError as exc:
+            if isinstance(exc, KeyNotFound) or not _is_invalid_range(exc):
+                raise
+            # S3 answers 416 for a range that starts past the end; other backends return
+            # fewer bytes. Report both the same way.
+            data = b""
         if len(data) != end - start:
             raise StorageError(
                 self.url, f"read {key}", f"short read: wanted {end - start} bytes, got {len(data)}"
@@ -159,7 +185,8 @@ class Storage:
         """
         if not ranges:
             return []
-        if self.backend == "local":
+        if self.backend == "local" or any(s < 0 or e <= s for _, s, e in ranges):
+            # empty (or invalid) ranges cannot be sent as HTTP ranges: see read_range
             return [self.read_range(k, s, e) for k, s, e in ranges]
         paths = [self._path(k) for k, _, _ in ranges]
         results = self._call(
@@ -172,7 +199,11 @@ class Storage:
         out = []
         for (key, start, end), res in zip(ranges, results):
             if isinstance(res, BaseException):
-                self._call("read", key, lambda res=res: _raise(res))
+                if _is_invalid_range(res):  # S3 416: a range past the end, see read_range
+                    res = b""
+                else:
+                    error: BaseException = res  # typed name for the closure (mypy)
+                    self._call("read", key, lambda: _raise(error))
             if len(res) != end - start:
                 raise StorageError(self.url, f"read {key}", "short read")
             out.append(bytes(res))
@@ -211,7 +242,8 @@ class Storage:
             return self._call("create", key, lambda: self._local_write(key, data, replace=False))
         if self.backend == "memory":
             with _MEMORY_LOCK:
-                return self._memory_swap(key, bytes(data), None)
+                # through _call: fsspec errors must not escape as bare OSErrors
+                return self._call("create", key, lambda: self._memory_swap(key, bytes(data), None))
         if self.backend in ("s3", "gcs"):
             try:
                 self._fs.pipe_file(self._path(key), bytes(data), mode="create")
@@ -240,7 +272,7 @@ class Storage:
             return self._call("swap", key, lambda: self._local_swap(key, data, expected))
         if self.backend == "memory":
             with _MEMORY_LOCK:
-                return self._memory_swap(key, data, expected)
+                return self._call("swap", key, lambda: self._memory_swap(key, data, expected))
         if expected is None:
             if data is None:
                 return not self._exists(key)
@@ -264,6 +296,10 @@ class Storage:
 
     def delete(self, key: str) -> bool:
         """Delete ``key``. Returns False when it did not exist."""
+        if self.backend == "s3" and not self._exists(key):
+            # S3's DeleteObject succeeds whether or not the key exists; only a HEAD tells.
+            # (Racy against a concurrent delete, which only affects the return value.)
+            return False
         try:
             self._call("delete", key, lambda: self._fs.rm_file(self._path(key)))
         except KeyNotFound:
@@ -295,10 +331,11 @@ class Storage:
 
     def _exists(self, key: str) -> bool:
         try:
-            self._call("stat", key, lambda: self._fs.info(self._path(key)))
+            info = self._call("stat", key, lambda: self._fs.info(self._path(key)))
         except KeyNotFound:
             return False
-        return True
+        # object stores report a "directory" for a mere prefix ("d" while "d/x" exists)
+        return bool(info.get("type") != "directory")
 
     # -- local disk --------------------------------------------------------------------------
 
@@ -344,8 +381,8 @@ class Storage:
             try:
                 with open(self._path(key), "rb") as f:
                     current: Version | None = _content_version(f.read())
-            except FileNotFoundError:
-                current = None
+            except (FileNotFoundError, IsADirectoryError, NotADirectoryError):
+                current = None  # a folder is not a key (see _call)
             if current != expected:
                 return False
             if data is None:
@@ -413,12 +450,19 @@ class Storage:
 
     def _gcs_get_versioned(self, key: str) -> tuple[bytes, Version]:
         bucket, path, _ = self._fs.split_path(self._path(key))
-        headers, data = self._fs.call("GET", "b/{}/o/{}", bucket, path, alt="media")
-        generation = headers.get("x-goog-generation") or headers.get("X-Goog-Generation")
-        if generation is None:
-            # Some emulators omit the header: read the generation, then check it did not move.
-            generation = self._fs.info(self._path(key)).get("generation")
-        return bytes(data), Version(str(generation))
+        while True:
+            headers, data = self._fs.call("GET", "b/{}/o/{}", bucket, path, alt="media")
+            generation = headers.get("x-goog-generation") or headers.get("X-Goog-Generation")
+            if generation is not None:
+                return bytes(data), Version(str(generation))
+            # Some emulators omit the header. A generation read after the bytes may belong
+            # to a newer write (a swap would then overwrite it unseen): read the generation
+            # before and after the bytes, and retry until it did not move.
+            before = self._fs.info(self._path(key)).get("generation")
+            headers, data = self._fs.call("GET", "b/{}/o/{}", bucket, path, alt="media")
+            after = self._fs.info(self._path(key)).get("generation")
+            if before == after:
+                return bytes(data), Version(str(after))
 
     def _gcs_swap(self, key: str, data: bytes | None, expected: Version) -> bool:
         bucket, path, _ = self._fs.split_path(self._path(key))
@@ -434,7 +478,8 @@ class Storage:
                     ifGenerationMatch=expected,
                     data=data,
                 )
-        except FileNotFoundError:
+        except (FileNotFoundError, FileExistsError):
+            # gcsfs raises FileExistsError for HTTP 412 (the generation did not match)
             return False
         except Exception as exc:
             if _is_precondition_failure(exc):
@@ -445,7 +490,7 @@ class Storage:
         return True
 
 
-def _raise(exc: BaseException) -> Any:
+def _raise(exc: BaseException) -> NoReturn:
     raise exc
 
 
@@ -453,12 +498,43 @@ def _content_version(data: bytes) -> Version:
     return Version(xxhash.xxh3_128_hexdigest(data))
 
 
+def _error_chain(exc: BaseException) -> Iterator[BaseException]:
+    seen: set[int] = set()
+    current: BaseException | None = exc
+    while current is not None and id(current) not in seen:
+        seen.add(id(current))
+        yield current
+        current = current.__cause__ or current.__context__
+
+
+def _s3_error_code(exc: BaseException) -> str | None:
+    response = getattr(exc, "response", None)
+    if isinstance(response, dict):
+        code = response.get("Error", {}).get("Code")
+        return str(code) if code is not None else None
+    return None
+
+
 def _is_precondition_failure(exc: BaseException) -> bool:
-    code = getattr(exc, "code", None)
-    if code == 412:
-        return True
-    text = f"{type(exc).__name__} {exc}"
-    return "PreconditionFailed" in text or "412" in text or "conditional request" in text.lower()
+    # s3fs re-raises botocore's ClientError as a bare OSError(EINVAL, message) with the
+    # ClientError as __cause__, so the S3 error code is only found down the chain.
+    # ConditionalRequestConflict (409) is S3's answer to a concurrent conditional write:
+    # the swap lost the race, exactly like a failed precondition.
+    for e in _error_chain(exc):
+        if getattr(e, "code", None) == 412:
+            return True
+        if _s3_error_code(e) in ("PreconditionFailed", "412", "ConditionalRequestConflict"):
+            return True
+        # No bare "412" text match: messages carry keys, and a key may contain "412".
+        text = f"{type(e).__name__} {e}"
+        if "PreconditionFailed" in text or "conditional request" in text.lower():
+            return True
+    return False
+
+
+def _is_invalid_range(exc: BaseException) -> bool:
+    """True for S3's 416 InvalidRange (a range that starts at or past the end)."""
+    return any(_s3_error_code(e) in ("InvalidRange", "416") for e in _error_chain(exc))
 
 
 def _mtime_of(info: dict[str, Any]) -> float | None:

@@ -23,7 +23,9 @@ class KeepsakeGroup(click.Group):
         try:
             return super().invoke(ctx)
         except KeepsakeError as exc:
-            click.echo(f"error: {exc}", err=True)
+            # FIX: errors are one line (docs/CLI.md) even when a cause's text is not
+            message = " ".join(str(exc).splitlines())
+            click.echo(f"error: {message}", err=True)
             ctx.exit(exc.exit_code)
         except BrokenPipeError:
             ctx.exit(141)

@@ -61,7 +61,12 @@ class Chunker:
             gran = mmap.ALLOCATIONGRANULARITY
             while offset < size:
                 base = offset - offset % gran
-                length = min(self._window, size - base)
+                # FIX (tests/objects/test_chunking.py): the window is measured from
+                # ``offset``, not from the aligned ``base``. Measured from ``base``, the view
+                # could hold a single chunk when max_size < ALLOCATIONGRANULARITY (small
+                # chunker params, or 64 KiB granularity on Windows); that chunk was dropped as
+                # "cut by the window end" and cutting never advanced (infinite loop).
+                length = min(self._window + (offset - base), size - base)
                 # MAP_POPULATE maps the whole window in one go instead of a page fault per
                 # 4 KiB on first touch (measured: chunking twice as fast from page cache).
                 window = mmap.mmap(

@@ -177,13 +177,22 @@ class Tree:
             name, mode, size, ref = wire
             problem = check_entry_name(name)
             _require(problem is None, object_id, f"tree entry name {name!r} {problem}")
-            _require(mode in MODES, object_id, f"tree entry {name!r} has unknown mode {mode!r}")
+            # FIX (tests/objects/test_manifests.py): `mode in MODES` raised TypeError for an
+            # unhashable mode (a msgpack array or map); check the type first.
+            _require(
+                isinstance(mode, int) and mode in MODES, object_id, f"tree entry {name!r} has unknown mode {mode!r}"
+            )
             _require(isinstance(size, int) and size >= 0, object_id, f"tree entry {name!r} has a bad size")
             key = name.encode()
             _require(previous is None or key > previous, object_id, "tree entries are not sorted and unique")
             previous = key
             if mode == MODE_SYMLINK:
-                _require(isinstance(ref, str) and "\0" not in ref, object_id, f"symlink {name!r} has a bad target")
+                # FIX (tests/objects/test_manifests.py): an empty target used to be accepted,
+                # and checkout then crashed in os.symlink with FileNotFoundError instead of
+                # reporting the corrupt tree. No file system can hold an empty symlink target.
+                _require(
+                    isinstance(ref, str) and ref != "" and "\0" not in ref, object_id, f"symlink {name!r} has a bad target"
+                )
                 entries.append(TreeEntry(name, mode, size, None, ref))
             else:
                 _require(isinstance(ref, bytes) and len(ref) == ID_BYTES, object_id, f"tree entry {name!r} has a bad id")
