@@ -12,9 +12,9 @@ import mmap
 import os
 from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import BinaryIO
+from typing import Any, BinaryIO
 
-from pyfastcdc.cy import FastCDC  # type: ignore[import-untyped]
+from pyfastcdc.cy import FastCDC
 
 WINDOW = 16 << 20
 _POPULATE = getattr(mmap, "MAP_POPULATE", 0)
@@ -102,7 +102,7 @@ class Chunker:
                 return
 
 
-def _with_next(chunks: Iterator[object]) -> Iterator[tuple[object, object | None]]:
+def _with_next(chunks: Iterator[Any]) -> Iterator[tuple[Any, Any | None]]:
     it = iter(chunks)
     current = next(it, None)
     while current is not None:

@@ -47,7 +47,8 @@ def unpack_msgpack(data: bytes, object_id: str) -> Any:
 
 
 def pack_msgpack(value: Any) -> bytes:
-    return msgpack.packb(value, use_bin_type=True)
+    packed: bytes = msgpack.packb(value, use_bin_type=True)
+    return packed
 
 
 def _require(cond: bool, object_id: str, reason: str) -> None:

@@ -18,7 +18,7 @@ from typing import BinaryIO, Protocol
 
 import pathspec
 
-from keepsake.errors import CheckoutConflict, PathNotFound, UnsafePath
+from keepsake.errors import CheckoutConflict, CorruptObject, PathNotFound, UnsafePath
 from keepsake.objects.chunking import Chunker
 from keepsake.objects.database import ObjectDB
 from keepsake.objects.ids import ObjectId, ObjectType, hash_object
@@ -96,7 +96,7 @@ def write_blob_from_stream(sink: ObjectSink, chunker: Chunker, stream: BinaryIO)
 @dataclass
 class _Ignore:
     root: str
-    spec: pathspec.PathSpec | None
+    spec: pathspec.GitIgnoreSpec | None
 
     @classmethod
     def load(cls, root: str) -> _Ignore:
@@ -208,10 +208,13 @@ def checkout_tree(db: ObjectDB, tree_id: ObjectId, directory: str, force: bool =
     """
     if os.path.lexists(directory) and not os.path.isdir(directory):
         raise CheckoutConflict(directory)
-    if not force and not _is_empty_dir(directory):
-        raise CheckoutConflict(directory)
-    tree = db.get_tree(tree_id)
-    os.makedirs(directory, exist_ok=True)
+    try:
+        if not force and not _is_empty_dir(directory):
+            raise CheckoutConflict(directory)
+        tree = db.get_tree(tree_id)
+        os.makedirs(directory, exist_ok=True)
+    except NotADirectoryError as exc:
+        raise PathNotFound(directory, "a parent of it is a file, not a directory") from exc
     return _checkout_dir(db, tree_id, tree, os.path.realpath(directory))
 
 
@@ -253,11 +256,47 @@ def _clear_for(path: str, want_dir: bool) -> None:
         os.unlink(path)
 
 
+#: bytes gathered per writev() call when writing a file out
+_WRITE_BATCH = 8 << 20
+
+
 def write_file(db: ObjectDB, blob: Blob, path: str, executable: bool = False) -> None:
-    """Write the content of ``blob`` to a new file at ``path`` (never through a symlink)."""
+    """Write the content of ``blob`` to a new file at ``path`` (never through a symlink).
+
+    Each chunk's length is checked against the blob, so a damaged manifest cannot produce
+    a file of the wrong size. Chunks are written with one writev() per ~8 MiB.
+
+    Raises:
+        CorruptObject: a chunk's length differs from the one the blob records.
+    """
     flags = os.O_WRONLY | os.O_CREAT | os.O_TRUNC | getattr(os, "O_NOFOLLOW", 0)
     fd = os.open(path, flags, 0o755 if executable else 0o644)
-    with os.fdopen(fd, "wb") as f:
+    try:
+        pending: list[bytes] = []
+        size = 0
+        expected = iter(blob.chunks)
         for data in db.iter_blob(blob):
-            f.write(data)
-    os.chmod(path, 0o755 if executable else 0o644)
+            if blob.inline is None:
+                cid, length = next(expected)
+                if len(data) != length:
+                    raise CorruptObject(cid, f"is {len(data)} bytes, its blob says {length}")
+            pending.append(data)
+            size += len(data)
+            if size >= _WRITE_BATCH:
+                _write_all(fd, pending)
+                pending, size = [], 0
+        _write_all(fd, pending)
+        os.fchmod(fd, 0o755 if executable else 0o644)
+    finally:
+        os.close(fd)
+
+
+def _write_all(fd: int, buffers: list[bytes]) -> None:
+    while buffers:
+        written = os.writev(fd, buffers)
+        # writev may write less than asked: drop what was written and retry the rest
+        while buffers and written >= len(buffers[0]):
+            written -= len(buffers[0])
+            buffers = buffers[1:]
+        if buffers and written:
+            buffers[0] = buffers[0][written:]

@@ -10,7 +10,7 @@ from __future__ import annotations
 import fnmatch
 import posixpath
 
-from keepsake.errors import CorruptObject, InvalidObjectId, KeyNotFound, RefConflict, RefNotFound
+from keepsake.errors import CorruptObject, InvalidObjectId, InvalidRefName, KeyNotFound, RefConflict, RefNotFound
 from keepsake.objects.ids import ObjectId, parse_object_id
 from keepsake.refs.names import check_ref_name
 from keepsake.storage import Storage, Version
@@ -68,8 +68,26 @@ class RefStore:
         current, version = self.get_versioned(name)
         if current != expected:
             raise RefConflict(name, expected, current)
+        if current is None:
+            self._check_no_nesting(name)
         if not self.storage.swap(key, value, version):
             raise RefConflict(name, expected, self.get_versioned(name)[0])
+
+    def _check_no_nesting(self, name: str) -> None:
+        # As in git, a name cannot be both a ref and a folder of refs (tags/a and tags/a/b):
+        # local disk could not store both, object stores could, so refuse it everywhere.
+        parts = name.split("/")
+        for i in range(1, len(parts)):
+            parent = "/".join(parts[:i])
+            try:
+                self.storage.read(posixpath.join(PREFIX, parent))
+            except KeyNotFound:
+                continue
+            raise InvalidRefName(name, f"ref {parent!r} exists, and a ref cannot also be a folder of refs")
+        below = self.storage.list(posixpath.join(PREFIX, name) + "/")
+        if below:
+            child = below[0].key[len(PREFIX) + 1 :]
+            raise InvalidRefName(name, f"ref {child!r} exists below it, and a ref cannot also be a folder of refs")
 
     def delete(self, name: str, expected: ObjectId | None = None) -> None:
         """Delete ``name``; with ``expected``, only while it still points there.

@@ -496,12 +496,6 @@ def test_truncated_pack_under_a_chunk_is_corruption(tmp_path: Path, monkeypatch:
     assert f"object {chunk} is corrupt" in result.stderr
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: keepsake/objects/worktree.py checkout_tree: a target whose parent is a "
-    "regular file raises a bare NotADirectoryError (traceback, exit 1) instead of a "
-    "KeepsakeError (_is_empty_dir only catches FileNotFoundError)",
-)
 def test_checkout_below_a_file_is_a_usage_error(env: Env) -> None:
     result = CliRunner().invoke(cli, ["-R", str(env.repo), "checkout-tree", env.ids["tree"], str(env.ws / "data" / "a.txt" / "out")])
     assert result.exit_code == 2, (result.stderr, result.exception)

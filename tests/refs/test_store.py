@@ -305,3 +305,17 @@ def test_update_after_a_concurrent_delete_conflicts(
     with pytest.raises(RefNotFound):
         refs.get("tags/best")
 
+
+
+def test_a_ref_cannot_become_a_folder_of_refs(refs: RefStore) -> None:
+    refs.set("tags/a", A)
+    with pytest.raises(InvalidRefName, match="cannot also be a folder"):
+        refs.set("tags/a/b", B)
+    assert refs.list() == {"tags/a": A}
+
+
+def test_a_folder_of_refs_cannot_become_a_ref(refs: RefStore) -> None:
+    refs.set("tags/a/b", A)
+    with pytest.raises(InvalidRefName, match="exists below it"):
+        refs.set("tags/a", B)
+    assert refs.list() == {"tags/a/b": A}
