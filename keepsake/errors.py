@@ -8,6 +8,8 @@
     │   ├── InvalidObjectId
     │   ├── AmbiguousObjectId
     │   ├── PathNotFound                a local input path does not exist or is unreadable
+    │   ├── UnsupportedValue            a param or metric of a type that cannot be stored
+    │   ├── InvalidArgument             a bad argument (unknown goal, malformed filter, ...)
     │   └── CheckoutConflict            target directory is not empty (use force)
     ├── RepositoryError                 the repository cannot be used as asked
     │   ├── RepositoryNotFound
@@ -81,6 +83,22 @@ class PathNotFound(UsageError):
         self.path = path
         self.reason = reason
         super().__init__(f"cannot read {path}: {reason}")
+
+
+class UnsupportedValue(UsageError):
+    def __init__(self, where: str, value: object, reason: str | None = None) -> None:
+        self.where = where
+        self.value_type = type(value).__name__
+        detail = reason or (
+            f"values of type {self.value_type} cannot be stored (use numbers, strings, booleans, "
+            "None, lists, dicts, numpy arrays or torch tensors)"
+        )
+        super().__init__(f"{where}: {detail}")
+
+
+class InvalidArgument(UsageError):
+    def __init__(self, message: str) -> None:
+        super().__init__(message)
 
 
 class CheckoutConflict(UsageError):

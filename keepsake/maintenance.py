@@ -11,7 +11,8 @@ import xxhash
 from keepsake.errors import CorruptObject, KeyNotFound
 from keepsake.objects.envelope import open_object
 from keepsake.objects.ids import ObjectId, ObjectType
-from keepsake.objects.manifests import Blob, referenced_ids
+from keepsake.objects.manifests import Blob
+from keepsake.objects.records import referenced_ids
 from keepsake.objects.pack import PackEntry, PackId, pack_id_of_key, pack_key
 from keepsake.repository import Repository
 

@@ -1,4 +1,4 @@
-"""Project: where a working directory keeps its repository (``keepsake.yaml``)."""
+"""ProjectSettings: where a working directory keeps its repository (``keepsake.yaml``)."""
 
 from __future__ import annotations
 
@@ -17,7 +17,7 @@ KNOWN_KEYS = frozenset({"repository", "storage_options"})
 
 
 @dataclass(frozen=True)
-class Project:
+class ProjectSettings:
     """A project directory and the repository URL (and storage options) it uses."""
 
     directory: str
@@ -80,7 +80,7 @@ def _absolute(url: str, base: str) -> str:
     return os.path.normpath(os.path.join(base, os.path.expanduser(url)))
 
 
-def find_project(repository: str | None = None, cwd: str | None = None) -> Project:
+def find_project(repository: str | None = None, cwd: str | None = None) -> ProjectSettings:
     """Work out the repository to use, in order: ``repository`` (a -R flag), the
     KEEPSAKE_REPOSITORY variable, ``repository:`` in the nearest keepsake.yaml, else
     ``.keepsake`` in the current directory.
@@ -91,10 +91,10 @@ def find_project(repository: str | None = None, cwd: str | None = None) -> Proje
     directory = os.path.dirname(config_path) if config_path else cwd
     options = dict(doc.get("storage_options") or {})
     if repository:
-        return Project(directory, _absolute(repository, cwd), options, config_path)
+        return ProjectSettings(directory, _absolute(repository, cwd), options, config_path)
     env = os.environ.get(ENV_REPOSITORY)
     if env:
-        return Project(directory, _absolute(env, cwd), options, config_path)
+        return ProjectSettings(directory, _absolute(env, cwd), options, config_path)
     if "repository" in doc:
-        return Project(directory, _absolute(doc["repository"], directory), options, config_path)
-    return Project(directory, os.path.join(directory, DEFAULT_REPOSITORY), options, config_path)
+        return ProjectSettings(directory, _absolute(doc["repository"], directory), options, config_path)
+    return ProjectSettings(directory, os.path.join(directory, DEFAULT_REPOSITORY), options, config_path)

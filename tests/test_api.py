@@ -10,6 +10,8 @@ from pathlib import Path
 import keepsake
 import keepsake.errors as errors
 from keepsake.errors import (
+    InvalidArgument,
+    UnsupportedValue,
     AmbiguousObjectId,
     CheckoutConflict,
     ConfigError,
@@ -34,7 +36,17 @@ from keepsake.errors import (
 )
 
 #: The curated public names: adding one is an API decision, so this test must change with it.
-PUBLIC = ["KeepsakeError", "Repository", "__version__"]
+PUBLIC = [
+    "Checkpoint",
+    "Experiment",
+    "ExperimentList",
+    "KeepsakeError",
+    "Project",
+    "Repository",
+    "__version__",
+    "experiments",
+    "init",
+]
 
 #: The error tree of keepsake.errors (class -> parent) and the CLI exit code of each class.
 #: Families (direct children of KeepsakeError) have distinct codes; members inherit their
@@ -58,6 +70,8 @@ TREE: dict[type[KeepsakeError], tuple[type[Exception], int]] = {
     InvalidObjectId: (UsageError, 2),
     AmbiguousObjectId: (UsageError, 5),
     PathNotFound: (UsageError, 2),
+    UnsupportedValue: (UsageError, 2),
+    InvalidArgument: (UsageError, 2),
     CheckoutConflict: (UsageError, 2),
     RepositoryError: (KeepsakeError, 3),
     RepositoryNotFound: (RepositoryError, 3),
@@ -82,6 +96,8 @@ SAMPLES: list[KeepsakeError] = [
     InvalidObjectId("xyz"),
     AmbiguousObjectId("abcdef0", ["abcdef01" + "0" * 24, "abcdef02" + "0" * 24]),
     PathNotFound("/no/such"),
+    UnsupportedValue("params['x']", object()),
+    InvalidArgument('primary_metric goal "lowest" is not "minimize" or "maximize"'),
     CheckoutConflict("/dir"),
     RepositoryError("repo"),
     RepositoryNotFound("/r"),

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from keepsake.errors import ConfigError
-from keepsake.project import CONFIG_FILE, Project, find_config, find_project, load_config
+from keepsake.project import CONFIG_FILE, ProjectSettings, find_config, find_project, load_config
 
 
 @pytest.fixture(autouse=True)
@@ -34,7 +34,7 @@ def test_precedence_flag_env_yaml_default(tree: Path, tmp_path: Path, monkeypatc
     monkeypatch.setenv("KEEPSAKE_REPOSITORY", str(tmp_path / "from-env"))
 
     flag = find_project("s3://bucket/from-flag", cwd=cwd)
-    assert flag == Project(str(tree), "s3://bucket/from-flag", {"anon": True}, str(yaml_path))
+    assert flag == ProjectSettings(str(tree), "s3://bucket/from-flag", {"anon": True}, str(yaml_path))
 
     env = find_project(None, cwd=cwd)
     assert env.repository == str(tmp_path / "from-env")
@@ -46,7 +46,7 @@ def test_precedence_flag_env_yaml_default(tree: Path, tmp_path: Path, monkeypatc
 
     yaml_path.unlink()
     default = find_project(None, cwd=cwd)
-    assert default == Project(cwd, str(Path(cwd) / ".keepsake"), {}, None)
+    assert default == ProjectSettings(cwd, str(Path(cwd) / ".keepsake"), {}, None)
 
 
 def test_empty_environment_variable_is_ignored(tree: Path, monkeypatch: pytest.MonkeyPatch) -> None:

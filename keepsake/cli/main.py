@@ -10,7 +10,7 @@ from typing import Any
 
 import click
 
-from keepsake import __version__
+from keepsake.version import __version__
 from keepsake.cli import plumbing
 from keepsake.cli.session import Session
 from keepsake.errors import KeepsakeError

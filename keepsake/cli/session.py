@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import click
 
-from keepsake.project import Project, find_project
+from keepsake.project import ProjectSettings, find_project
 from keepsake.repository import Repository
 
 
@@ -13,11 +13,11 @@ class Session:
 
     def __init__(self, repository: str | None) -> None:
         self._flag = repository
-        self._project: Project | None = None
+        self._project: ProjectSettings | None = None
         self._repo: Repository | None = None
 
     @property
-    def project(self) -> Project:
+    def project(self) -> ProjectSettings:
         if self._project is None:
             self._project = find_project(self._flag)
         return self._project

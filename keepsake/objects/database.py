@@ -9,6 +9,8 @@ file exists, and the index is written only after its packs are stored (write ord
 
 from __future__ import annotations
 
+import bisect
+import io
 import os
 import threading
 from collections import deque
@@ -251,6 +253,10 @@ class ObjectDB:
             return
         yield from self.iter_chunks(cid for cid, _ in blob.chunks)
 
+    def open_blob(self, blob: Blob) -> io.BufferedReader:
+        """A seekable, read-only file object over a stored file; reads chunks on demand."""
+        return io.BufferedReader(BlobReader(self, blob), buffer_size=1 << 20)
+
     # -- writes -----------------------------------------------------------------------------
 
     def writer(self, pack_size: int = PACK_SIZE) -> ObjectWriter:
@@ -266,6 +272,68 @@ class ObjectDB:
         if self._pool is not None:
             self._pool.shutdown(wait=True)
             self._pool = None
+
+
+class BlobReader(io.RawIOBase):
+    """Random access to a blob's bytes. Sequential reads fetch ~8 MiB of chunks at a time;
+    at most one such window is held in memory."""
+
+    WINDOW = 8 << 20
+
+    def __init__(self, db: ObjectDB, blob: Blob) -> None:
+        super().__init__()
+        self._db = db
+        self._blob = blob
+        self._ids = [cid for cid, _ in blob.chunks]
+        self._starts = []
+        offset = 0
+        for _, length in blob.chunks:
+            self._starts.append(offset)
+            offset += length
+        self._pos = 0
+        self._window: dict[int, bytes] = {}
+
+    def readable(self) -> bool:
+        return True
+
+    def seekable(self) -> bool:
+        return True
+
+    def tell(self) -> int:
+        return self._pos
+
+    def seek(self, offset: int, whence: int = io.SEEK_SET) -> int:
+        base = {io.SEEK_SET: 0, io.SEEK_CUR: self._pos, io.SEEK_END: self._blob.size}[whence]
+        if base + offset < 0:
+            raise ValueError("negative seek position")
+        self._pos = base + offset
+        return self._pos
+
+    def _chunk(self, index: int) -> bytes:
+        data = self._window.get(index)
+        if data is None:
+            end, size = index, 0
+            while end < len(self._ids) and size < self.WINDOW:
+                size += self._blob.chunks[end][1]
+                end += 1
+            self._window = dict(zip(range(index, end), self._db.iter_chunks(self._ids[index:end])))
+            data = self._window[index]
+        return data
+
+    def readinto(self, buffer: bytearray | memoryview) -> int:  # type: ignore[override]
+        if self._pos >= self._blob.size or not len(buffer):
+            return 0
+        if self._blob.inline is not None:
+            data = self._blob.inline[self._pos : self._pos + len(buffer)]
+        else:
+            index = bisect.bisect_right(self._starts, self._pos) - 1
+            chunk = self._chunk(index)
+            offset = self._pos - self._starts[index]
+            data = chunk[offset : offset + len(buffer)]
+        n = len(data)
+        memoryview(buffer).cast("B")[:n] = data
+        self._pos += n
+        return n
 
 
 class ObjectWriter:

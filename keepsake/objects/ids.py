@@ -29,6 +29,7 @@ class ObjectType(IntEnum):
     TREE = 3
     EXPERIMENT = 4
     CHECKPOINT = 5
+    HEAD = 6
     PACK_FOOTER = 16
     INDEX = 17
 
@@ -39,7 +40,14 @@ class ObjectType(IntEnum):
 
 #: Types that have object ids and live in packs.
 CONTENT_TYPES = frozenset(
-    {ObjectType.CHUNK, ObjectType.BLOB, ObjectType.TREE, ObjectType.EXPERIMENT, ObjectType.CHECKPOINT}
+    {
+        ObjectType.CHUNK,
+        ObjectType.BLOB,
+        ObjectType.TREE,
+        ObjectType.EXPERIMENT,
+        ObjectType.CHECKPOINT,
+        ObjectType.HEAD,
+    }
 )
 
 

@@ -213,15 +213,3 @@ def mode_of(st_mode: int) -> int:
 #: type code -> class, for cat-file and fsck
 OBJECT_CLASSES: dict[ObjectType, type[Blob] | type[Tree]] = {ObjectType.BLOB: Blob, ObjectType.TREE: Tree}
 
-
-def referenced_ids(object_type: ObjectType, content: bytes, object_id: str) -> list[tuple[ObjectId, ObjectType]]:
-    """The objects that an object of ``object_type`` points at, with their expected types."""
-    if object_type == ObjectType.BLOB:
-        return [(cid, ObjectType.CHUNK) for cid, _ in Blob.decode(content, object_id).chunks]
-    if object_type == ObjectType.TREE:
-        out: list[tuple[ObjectId, ObjectType]] = []
-        for e in Tree.decode(content, object_id).entries:
-            if e.id is not None:
-                out.append((e.id, ObjectType.TREE if e.is_tree else ObjectType.BLOB))
-        return out
-    return []

@@ -97,6 +97,7 @@ def write_blob_from_stream(sink: ObjectSink, chunker: Chunker, stream: BinaryIO)
 class _Ignore:
     root: str
     spec: pathspec.GitIgnoreSpec | None
+    virtualenvs: bool = False
 
     @classmethod
     def load(cls, root: str) -> _Ignore:
@@ -107,6 +108,8 @@ class _Ignore:
             return cls(root, None)
 
     def skips(self, relpath: str, is_dir: bool) -> bool:
+        if is_dir and self.virtualenvs and os.path.isfile(os.path.join(self.root, relpath, "pyvenv.cfg")):
+            return True  # a virtualenv, whatever its name
         if self.spec is None:
             return False
         return self.spec.match_file(relpath + "/" if is_dir else relpath)
@@ -117,6 +120,7 @@ def write_tree(
     chunker: Chunker,
     directory: str,
     extra_skip: frozenset[str] = frozenset(),
+    skip_virtualenvs: bool = False,
 ) -> tuple[ObjectId, Tree]:
     """Store ``directory`` recursively; returns the root tree id and tree.
 
@@ -131,6 +135,7 @@ def write_tree(
         raise PathNotFound(directory, "not a directory" if os.path.exists(directory) else "no such directory")
     ignore = _Ignore.load(directory)
     skip = ALWAYS_SKIP | extra_skip
+    ignore.virtualenvs = skip_virtualenvs
     return _write_dir(sink, chunker, directory, "", ignore, skip)
 
 
@@ -300,3 +305,54 @@ def _write_all(fd: int, buffers: list[bytes]) -> None:
             buffers = buffers[1:]
         if buffers and written:
             buffers[0] = buffers[0][written:]
+
+
+def write_subpath(
+    sink: ObjectSink, chunker: Chunker, root: str, relpath: str, extra_skip: frozenset[str] = frozenset()
+) -> tuple[ObjectId, Tree]:
+    """Store ``root/relpath`` (a file, link or directory) as a tree rooted at ``root``
+    that holds only that path, so checkout recreates it at the same relative place.
+
+    Raises:
+        PathNotFound: the path does not exist, or is not inside ``root``.
+    """
+    parts = [p for p in relpath.replace(os.sep, "/").split("/") if p not in ("", ".")]
+    if not parts or any(check_entry_name(p) is not None for p in parts):
+        raise PathNotFound(relpath, "must be a path inside the project directory")
+    full = os.path.join(root, *parts)
+    try:
+        st = os.lstat(full)
+    except FileNotFoundError as exc:
+        raise PathNotFound(full) from exc
+    name = parts[-1]
+    if stat.S_ISDIR(st.st_mode):
+        tree_id, tree = write_tree(sink, chunker, full, extra_skip)
+        entry = TreeEntry(name, MODE_TREE, tree.size, tree_id)
+    elif stat.S_ISLNK(st.st_mode):
+        target = os.readlink(full)
+        entry = TreeEntry(name, MODE_SYMLINK, len(target.encode()), None, target)
+    elif stat.S_ISREG(st.st_mode):
+        blob_id, blob = write_blob_from_file(sink, chunker, full)
+        entry = TreeEntry(name, MODE_EXECUTABLE if st.st_mode & 0o111 else MODE_FILE, blob.size, blob_id)
+    else:
+        raise PathNotFound(full, "is not a regular file, link or directory")
+    for parent in reversed(parts[:-1]):
+        tree = Tree((entry,))
+        entry = TreeEntry(parent, MODE_TREE, tree.size, sink.put(ObjectType.TREE, tree.encode()))
+    tree = Tree((entry,))
+    return sink.put(ObjectType.TREE, tree.encode()), tree
+
+
+def find_entry(db: ObjectDB, tree_id: ObjectId, path: str) -> TreeEntry | None:
+    """The entry at ``path`` (``/``-separated) inside a tree, or None."""
+    parts = [p for p in path.replace(os.sep, "/").split("/") if p not in ("", ".")]
+    entry: TreeEntry | None = None
+    current: ObjectId | None = tree_id
+    for part in parts:
+        if current is None:
+            return None
+        entry = db.get_tree(current).get(part)
+        if entry is None:
+            return None
+        current = entry.id if entry.is_tree else None
+    return entry

@@ -14,6 +14,7 @@ from hypothesis import strategies as st
 
 from keepsake.errors import CorruptObject
 from keepsake.objects.ids import ObjectId, ObjectType, hash_object
+from keepsake.objects.records import referenced_ids
 from keepsake.objects.manifests import (
     INLINE_LIMIT,
     MAX_ENTRIES,
@@ -27,7 +28,6 @@ from keepsake.objects.manifests import (
     TreeEntry,
     check_entry_name,
     mode_of,
-    referenced_ids,
 )
 
 ID_A = ObjectId("a" * 32)

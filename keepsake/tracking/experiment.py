@@ -1,0 +1,483 @@
+"""Experiments and checkpoints: recording them (checkpoint, stop, heartbeats) and reading them.
+
+Write ordering for every change (FORMAT.md §8, §14): objects (packs, then their index), then
+the ref ``experiments/<id>`` (compare-and-swap from the head this process last wrote), then
+the summary. A crash at any point leaves the previous checkpoint intact and readable.
+"""
+
+from __future__ import annotations
+
+import atexit
+import io
+import logging
+import math
+import os
+import sys
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import replace
+from datetime import datetime, timezone
+from types import TracebackType
+from typing import TYPE_CHECKING, Any
+
+from keepsake.errors import InvalidArgument, ObjectNotFound, RefConflict
+from keepsake.objects.ids import ObjectId, ObjectType
+from keepsake.objects.records import GOALS, CheckpointRecord, ExperimentRecord, HeadRecord
+from keepsake.objects.values import is_number, normalize
+from keepsake.objects.worktree import checkout_tree, find_entry, write_subpath
+from keepsake.tracking.summary import CheckpointSummary, Summary, summary_key
+
+if TYPE_CHECKING:
+    from keepsake.tracking.project import Project
+
+log = logging.getLogger("keepsake")
+
+#: seconds between heartbeats of a running experiment
+HEARTBEAT_INTERVAL = 10.0
+#: an experiment whose last heartbeat is older than this is not running
+HEARTBEAT_TIMEOUT = 60.0
+
+
+def utc_now() -> str:
+    return datetime.now(timezone.utc).isoformat(timespec="microseconds")
+
+
+def parse_time(text: str) -> datetime:
+    return datetime.fromisoformat(text)
+
+
+def experiment_ref(experiment_id: str) -> str:
+    return f"experiments/{experiment_id}"
+
+
+class Checkpoint:
+    """One saved state of an experiment: step, metrics, and the files saved with it."""
+
+    def __init__(self, experiment: Experiment, summary: CheckpointSummary) -> None:
+        self.experiment = experiment
+        self._summary = summary
+        self._record: CheckpointRecord | None = None
+
+    id = property(lambda self: self._summary.id)
+    step = property(lambda self: self._summary.step)
+    metrics = property(lambda self: self._summary.metrics)
+    primary_metric = property(lambda self: self._summary.primary_metric)
+    path = property(lambda self: self._summary.path)
+
+    @property
+    def short_id(self) -> str:
+        return str(self.id)[:7]
+
+    @property
+    def created(self) -> datetime:
+        return parse_time(self._summary.created)
+
+    @property
+    def record(self) -> CheckpointRecord:
+        if self._record is None:
+            repo = self.experiment.project.repo
+            self._record = CheckpointRecord.decode(repo.objects.get(self.id, ObjectType.CHECKPOINT), self.id)
+        return self._record
+
+    @property
+    def files(self) -> ObjectId | None:
+        """The tree of the files saved with this checkpoint (relative to the project)."""
+        return self.record.files
+
+    def open(self, path: str) -> io.BufferedReader:
+        """Open a saved file for reading, streamed from the repository (seekable).
+
+        Args:
+            path: the file's path relative to the project directory, as saved.
+
+        Raises:
+            ObjectNotFound: the checkpoint saved no file at ``path``.
+        """
+        files = self.files
+        entry = find_entry(self.experiment.project.repo.objects, files, path) if files else None
+        if entry is None or not entry.is_file or entry.id is None:
+            raise ObjectNotFound(f"{self.short_id}:{path}", what="file")
+        db = self.experiment.project.repo.objects
+        return db.open_blob(db.get_blob(entry.id))
+
+    def checkout(self, output_directory: str, force: bool = False) -> int:
+        """Write this checkpoint's files into ``output_directory``; returns files written."""
+        if self.files is None:
+            os.makedirs(output_directory, exist_ok=True)
+            return 0
+        return checkout_tree(self.experiment.project.repo.objects, self.files, output_directory, force=force)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "id": self.id,
+            "step": self.step,
+            "created": self._summary.created,
+            "metrics": self.metrics,
+            "primary_metric": {"name": self.primary_metric[0], "goal": self.primary_metric[1]}
+            if self.primary_metric
+            else None,
+            "path": self.path,
+        }
+
+    def __repr__(self) -> str:
+        return f"Checkpoint(id={self.short_id!r}, step={self.step!r}, metrics={self.metrics!r})"
+
+
+class Experiment:
+    """A training run: its parameters, environment, code and checkpoints.
+
+    Returned by :func:`keepsake.init` (then it also records: :meth:`checkpoint`,
+    :meth:`stop`) and by ``keepsake.experiments.list()/get()`` (read-only).
+    """
+
+    def __init__(self, project: Project, summary: Summary, live: bool = False) -> None:
+        self.project = project
+        self._summary = summary
+        self._record: ExperimentRecord | None = None
+        self._live = live
+        self._lock = threading.RLock()
+        self._stopped = not live
+        self._heartbeat: threading.Thread | None = None
+        self._stop_event = threading.Event()
+        self._failed = False
+
+    # -- what it is --------------------------------------------------------------------------
+
+    id = property(lambda self: self._summary.experiment)
+    params = property(lambda self: self._summary.params)
+    user = property(lambda self: self._summary.user)
+    host = property(lambda self: self._summary.host)
+    command = property(lambda self: list(self._summary.command))
+    path = property(lambda self: self._summary.path)
+    git = property(lambda self: self._summary.git)
+
+    @property
+    def short_id(self) -> str:
+        return str(self.id)[:7]
+
+    @property
+    def created(self) -> datetime:
+        return parse_time(self._summary.created)
+
+    @property
+    def heartbeat(self) -> datetime | None:
+        hb = self._summary.heartbeat
+        return datetime.fromtimestamp(hb, timezone.utc) if hb is not None else None
+
+    @property
+    def status(self) -> str:
+        """``running`` (with a fresh heartbeat), ``stopped``, ``failed``, or ``lost`` when it
+        says running but its heartbeat is stale (the process died without stopping)."""
+        status = self._summary.status
+        if status == "running" and not self._live and not self._summary.detached:
+            hb = self._summary.heartbeat
+            if hb is None or time.time() - hb > HEARTBEAT_TIMEOUT:
+                return "lost"
+        return status
+
+    @property
+    def running(self) -> bool:
+        return self.status == "running"
+
+    @property
+    def record(self) -> ExperimentRecord:
+        if self._record is None:
+            repo = self.project.repo
+            self._record = ExperimentRecord.decode(repo.objects.get(self.id, ObjectType.EXPERIMENT), self.id)
+        return self._record
+
+    python_version = property(lambda self: self.record.python_version)
+    python_packages = property(lambda self: self.record.python_packages)
+    keepsake_version = property(lambda self: self.record.keepsake_version)
+    code = property(lambda self: self.record.code)
+
+    @property
+    def checkpoints(self) -> list[Checkpoint]:
+        """Checkpoints, oldest first."""
+        return [Checkpoint(self, c) for c in self._summary.checkpoints]
+
+    def primary_metric(self) -> tuple[str, str] | None:
+        """The primary metric most recently declared by a checkpoint."""
+        for c in reversed(self._summary.checkpoints):
+            if c.primary_metric:
+                return c.primary_metric
+        return None
+
+    def best(self) -> Checkpoint | None:
+        """The checkpoint with the best primary metric, or None without one."""
+        primary = self.primary_metric()
+        if primary is None:
+            return None
+        name, goal = primary
+        scored = [
+            c for c in self.checkpoints if is_number(c.metrics.get(name)) and not math.isnan(c.metrics[name])
+        ]
+        if not scored:
+            return None
+        pick = min if goal == "minimize" else max
+        return pick(scored, key=lambda c: c.metrics[name])
+
+    def latest(self) -> Checkpoint | None:
+        checkpoints = self.checkpoints
+        return checkpoints[-1] if checkpoints else None
+
+    def metric_values(self, metric: str) -> tuple[list[Any], list[Any]]:
+        """(steps, values) of ``metric`` over the checkpoints that recorded it."""
+        xs, ys = [], []
+        for i, c in enumerate(self.checkpoints):
+            if metric in c.metrics and is_number(c.metrics[metric]):
+                xs.append(c.step if c.step is not None else i)
+                ys.append(c.metrics[metric])
+        return xs, ys
+
+    def plot(self, metric: str | None = None, logy: bool = False) -> Any:
+        """Plot a metric (default: the primary metric) against step, with matplotlib."""
+        import matplotlib.pyplot as plt  # optional dependency, imported on use
+
+        metric = metric or (self.primary_metric() or (None, None))[0]
+        if metric is None:
+            raise InvalidArgument("no metric given and the experiment has no primary metric")
+        xs, ys = self.metric_values(metric)
+        ax = plt.gca()
+        ax.plot(xs, ys, label=self.short_id)
+        ax.set_xlabel("step")
+        ax.set_ylabel(metric)
+        if logy:
+            ax.set_yscale("log")
+        return ax
+
+    def checkout(self, output_directory: str, force: bool = False, checkpoint: Checkpoint | None = None) -> int:
+        """Write the experiment's code, then a checkpoint's files over it (default: the
+        best checkpoint, else the latest). Returns the number of files written."""
+        from keepsake.objects.worktree import checkout_tree as _checkout
+
+        written = 0
+        db = self.project.repo.objects
+        if self.code:
+            written += _checkout(db, self.code, output_directory, force=force)
+            force = True
+        checkpoint = checkpoint or self.best() or self.latest()
+        if checkpoint is not None:
+            written += checkpoint.checkout(output_directory, force=force)
+        os.makedirs(output_directory, exist_ok=True)
+        return written
+
+    def delete(self) -> None:
+        """Remove the experiment from the repository's refs; its space comes back with gc."""
+        self.project.delete_experiment(self.id)
+
+    def refresh(self) -> Experiment:
+        """Re-read this experiment's summary from the repository."""
+        self._summary = self.project.load_summary(self.id)
+        return self
+
+    def to_dict(self, with_packages: bool = False) -> dict[str, Any]:
+        best, latest, primary = self.best(), self.latest(), self.primary_metric()
+        out: dict[str, Any] = {
+            "id": self.id,
+            "created": self._summary.created,
+            "status": self.status,
+            "user": self.user,
+            "host": self.host,
+            "command": self.command,
+            "params": self.params,
+            "path": self.path,
+            "git": self.git,
+            "primary_metric": list(primary) if primary else None,
+            "best_checkpoint": best.to_dict() if best else None,
+            "latest_checkpoint": latest.to_dict() if latest else None,
+            "checkpoints": [c.to_dict() for c in self.checkpoints],
+        }
+        if with_packages:
+            out["python_version"] = self.python_version
+            out["python_packages"] = self.python_packages
+            out["keepsake_version"] = self.keepsake_version
+        return out
+
+    def __repr__(self) -> str:
+        return f"Experiment(id={self.short_id!r}, params={self.params!r}, checkpoints={len(self._summary.checkpoints)})"
+
+    # -- recording ---------------------------------------------------------------------------
+
+    def checkpoint(
+        self,
+        path: str | None = None,
+        step: int | None = None,
+        metrics: dict[str, Any] | None = None,
+        primary_metric: tuple[str, str] | None = None,
+    ) -> Checkpoint:
+        """Record a checkpoint: metrics and a snapshot of ``path`` taken before returning.
+
+        Args:
+            path: a file or directory, relative to the project directory (or absolute inside
+                it). The file may be overwritten as soon as this returns.
+            step: the training step; omitted, it is the previous step + 1 (0 at first).
+            metrics: name -> value (numbers, strings, numpy/torch values...).
+            primary_metric: ``(name, "minimize" | "maximize")``; ``name`` must be in metrics.
+
+        Raises:
+            InvalidArgument: bad step, unknown goal, primary metric not in metrics.
+            UnsupportedValue: a metric of a type that cannot be stored.
+            PathNotFound: ``path`` does not exist or is outside the project directory.
+        """
+        self._require_live("checkpoint")
+        if metrics is not None and not isinstance(metrics, dict):
+            raise InvalidArgument(f"metrics must be a dict of name -> value, not {type(metrics).__name__}")
+        metrics_n = normalize(dict(metrics or {}), "metrics")
+        primary = _check_primary(primary_metric, metrics_n)
+        if step is not None and (isinstance(step, bool) or not isinstance(normalize(step, "step"), int)):
+            raise InvalidArgument(f"step must be an integer, not {type(step).__name__}")
+        relpath = self.project.relative_path(path) if path is not None else None
+        with self._lock:
+            previous = self._summary.checkpoints
+            if step is None:
+                last = next((c.step for c in reversed(previous) if c.step is not None), None)
+                step = 0 if last is None else last + 1
+            step = int(step)
+            repo = self.project.repo
+            with repo.objects.writer() as writer:
+                files = None
+                if relpath is not None:
+                    files, _ = write_subpath(writer, repo.chunker, self.project.directory, relpath)
+                record = CheckpointRecord(
+                    experiment=self.id,
+                    created=utc_now(),
+                    step=step,
+                    metrics=metrics_n,
+                    primary_metric=primary,
+                    path=relpath,
+                    files=files,
+                    parent=previous[-1].id if previous else None,
+                )
+                checkpoint_id = writer.put(ObjectType.CHECKPOINT, record.encode())
+            entry = CheckpointSummary.of(checkpoint_id, record)
+            self._publish(lambda ids: ids + (checkpoint_id,), "running", added=entry)
+            return Checkpoint(self, entry)
+
+    def stop(self, status: str = "stopped") -> None:
+        """Mark the experiment stopped (or failed) and stop its heartbeat. Idempotent."""
+        if status not in ("stopped", "failed"):
+            raise InvalidArgument(f"status must be 'stopped' or 'failed', not {status!r}")
+        if not self._live or self._stopped:
+            return
+        with self._lock:
+            self._stopped = True
+            self._stop_event.set()
+            self._publish(lambda ids: ids, status)
+        if self._heartbeat is not None and self._heartbeat is not threading.current_thread():
+            self._heartbeat.join(timeout=5)
+
+    def __enter__(self) -> Experiment:
+        return self
+
+    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None) -> None:
+        self.stop("failed" if exc_type is not None and not issubclass(exc_type, KeyboardInterrupt) else "stopped")
+
+    def _require_live(self, what: str) -> None:
+        if not self._live:
+            raise InvalidArgument(f"cannot {what}: experiment {self.short_id} was read from the repository, not started here")
+        if self._stopped:
+            raise InvalidArgument(f"cannot {what}: experiment {self.short_id} is stopped")
+
+    def _publish(
+        self, change: Callable[[tuple[ObjectId, ...]], tuple[ObjectId, ...]], status: str, added: CheckpointSummary | None = None
+    ) -> None:
+        """Write a new head (objects, then ref by compare-and-swap), then the summary.
+
+        If another process changed the head (e.g. ``keepsake rm`` of a checkpoint), the
+        change is re-applied on top of theirs.
+        """
+        repo = self.project.repo
+        ref = experiment_ref(self.id)
+        expected: ObjectId | None = self._summary.head
+        checkpoints = tuple(c.id for c in self._summary.checkpoints)
+        known = {c.id: c for c in self._summary.checkpoints}
+        for _ in range(10):
+            head = HeadRecord(self.id, change(checkpoints), status, utc_now())
+            with repo.objects.writer() as writer:
+                head_id = writer.put(ObjectType.HEAD, head.encode())
+            try:
+                repo.refs.set(ref, head_id, expected)
+                break
+            except RefConflict as conflict:
+                if conflict.actual is None:
+                    raise InvalidArgument(f"experiment {self.short_id} was deleted while it was running") from conflict
+                expected = ObjectId(conflict.actual)
+                theirs = HeadRecord.decode(repo.objects.get(expected, ObjectType.HEAD), expected)
+                checkpoints = theirs.checkpoints
+        else:
+            raise RefConflict(ref, expected, None)
+        if added is not None:
+            known[added.id] = added
+        summaries = tuple(known[c] if c in known else self.project.checkpoint_summary(c) for c in head.checkpoints)
+        self._summary = replace(
+            self._summary, head=head_id, status=status, checkpoints=summaries, heartbeat=time.time()
+        )
+        self._write_summary()
+
+    def _write_summary(self) -> None:
+        self.project.repo.storage.write(summary_key(self.id), self._summary.encode())
+
+    # -- liveness ----------------------------------------------------------------------------
+
+    def _start_heartbeat(self) -> None:
+        if self._summary.detached:
+            return
+        self._heartbeat = threading.Thread(target=self._beat, name=f"keepsake-heartbeat-{self.short_id}", daemon=True)
+        self._heartbeat.start()
+        atexit.register(self._at_exit)
+        _watch_uncaught_exceptions()
+        _LIVE.append(self)
+
+    def _beat(self) -> None:
+        while not self._stop_event.wait(HEARTBEAT_INTERVAL):
+            try:
+                with self._lock:
+                    if self._stopped:
+                        return
+                    self._summary = self._summary.with_heartbeat(time.time())
+                    self._write_summary()
+            except Exception as exc:  # noqa: BLE001 - a failed heartbeat must not kill training
+                log.warning("keepsake: heartbeat for experiment %s failed: %s", self.short_id, exc)
+
+    def _at_exit(self) -> None:
+        try:
+            self.stop("failed" if _UNCAUGHT.is_set() else "stopped")
+        except Exception as exc:  # noqa: BLE001 - interpreter is exiting; report, do not raise
+            print(f"keepsake: could not record the end of experiment {self.short_id}: {exc}", file=sys.stderr)
+
+
+def _check_primary(primary: Any, metrics: dict[str, Any]) -> tuple[str, str] | None:
+    if primary is None:
+        return None
+    if not (isinstance(primary, (tuple, list)) and len(primary) == 2 and all(isinstance(p, str) for p in primary)):
+        raise InvalidArgument('primary_metric must be a (name, goal) pair, e.g. ("val_loss", "minimize")')
+    name, goal = primary
+    if goal not in GOALS:
+        raise InvalidArgument(f'primary_metric goal {goal!r} is not "minimize" or "maximize"')
+    if name not in metrics:
+        raise InvalidArgument(f"primary metric {name!r} is not among the metrics ({', '.join(sorted(metrics)) or 'none given'})")
+    return (name, goal)
+
+
+_LIVE: list[Experiment] = []
+_UNCAUGHT = threading.Event()
+_HOOKED = False
+
+
+def _watch_uncaught_exceptions() -> None:
+    # An exception that ends the program marks running experiments as failed (at exit).
+    global _HOOKED
+    if _HOOKED:
+        return
+    _HOOKED = True
+    previous = sys.excepthook
+
+    def hook(exc_type: type[BaseException], exc: BaseException, tb: TracebackType | None) -> None:
+        if not issubclass(exc_type, KeyboardInterrupt):
+            _UNCAUGHT.set()
+        previous(exc_type, exc, tb)
+
+    sys.excepthook = hook
+

@@ -1,0 +1,281 @@
+"""Project: the API entry point tying a project directory to its repository."""
+
+from __future__ import annotations
+
+import os
+import secrets
+from dataclasses import replace
+from typing import Any
+
+from keepsake.version import __version__
+from keepsake.errors import (
+    AmbiguousObjectId,
+    InvalidArgument,
+    InvalidRefName,
+    ObjectNotFound,
+    PathNotFound,
+    RefConflict,
+    RefNotFound,
+    RepositoryNotFound,
+)
+from keepsake.objects.ids import ObjectId, ObjectType, is_id_prefix
+from keepsake.objects.records import CheckpointRecord, ExperimentRecord, HeadRecord
+from keepsake.objects.values import normalize
+from keepsake.objects.worktree import write_tree
+from keepsake.project import find_project
+from keepsake.repository import Repository
+from keepsake.tracking import metadata
+from keepsake.tracking.experiment import Checkpoint, Experiment, experiment_ref, utc_now
+from keepsake.tracking.listing import ExperimentList, parse_filter
+from keepsake.tracking.summary import CheckpointSummary, Summary, SummaryCache, build_summary, summary_key
+
+#: never part of a code snapshot, wherever they appear
+SKIP_IN_CODE = frozenset(
+    {"__pycache__", ".venv", "venv", ".tox", ".nox", ".mypy_cache", ".pytest_cache", ".ipynb_checkpoints"}
+)
+EXPERIMENTS = "experiments/"
+TAGS = "tags/"
+
+
+class Project:
+    """A project directory and the repository it records into.
+
+    Args:
+        repository: repository URL; default from $KEEPSAKE_REPOSITORY, keepsake.yaml
+            (searched upward from ``directory``), else ``<directory>/.keepsake``.
+        directory: the project directory; default: the folder of keepsake.yaml, else the
+            current directory.
+        storage_options: fsspec options (endpoint_url, ...) merged over keepsake.yaml's.
+    """
+
+    def __init__(
+        self, repository: str | None = None, directory: str | None = None, storage_options: dict[str, Any] | None = None
+    ) -> None:
+        settings = find_project(repository, cwd=directory)
+        self.directory = os.path.abspath(directory) if directory else settings.directory
+        self.repository = settings.repository
+        self.storage_options = {**settings.storage_options, **(storage_options or {})}
+        self._repo: Repository | None = None
+
+    @property
+    def repo(self) -> Repository:
+        """The repository, opened on first use. Raises RepositoryNotFound."""
+        if self._repo is None:
+            self._repo = Repository.open(self.repository, self.storage_options)
+        return self._repo
+
+    def _repo_for_writing(self) -> Repository:
+        if self._repo is None:
+            try:
+                self._repo = Repository.open(self.repository, self.storage_options)
+            except RepositoryNotFound:
+                self._repo = Repository.init(self.repository, self.storage_options)
+        return self._repo
+
+    def close(self) -> None:
+        if self._repo is not None:
+            self._repo.close()
+
+    def relative_path(self, path: str) -> str:
+        """``path`` relative to the project directory, with ``/`` separators.
+
+        Raises:
+            PathNotFound: it does not exist or is outside the project directory.
+        """
+        full = os.path.abspath(os.path.join(self.directory, path))
+        if not os.path.lexists(full):
+            raise PathNotFound(full)
+        rel = os.path.relpath(full, self.directory)
+        if rel == os.curdir or rel.startswith(os.pardir):
+            raise PathNotFound(path, f"must be a file or directory inside the project directory {self.directory}")
+        return rel.replace(os.sep, "/")
+
+    # -- recording ---------------------------------------------------------------------------
+
+    def start_experiment(
+        self, path: str | None = ".", params: dict[str, Any] | None = None, detached: bool = False
+    ) -> Experiment:
+        """Record a new experiment and return it, running (see :func:`keepsake.init`).
+
+        Args:
+            detached: for recording from the command line: no heartbeat thread and no exit
+                hook; the experiment stays running until stopped explicitly.
+        """
+        if params is not None and not isinstance(params, dict):
+            raise InvalidArgument(f"params must be a dict, not {type(params).__name__}")
+        params_n = normalize(dict(params or {}), "params")
+        code_dir = None
+        if path is not None:
+            code_dir = os.path.abspath(os.path.join(self.directory, path))
+            if not os.path.isdir(code_dir):
+                raise PathNotFound(code_dir, "the code path must be a directory")
+        repo = self._repo_for_writing()
+        record_path = None
+        with repo.objects.writer() as writer:
+            code = None
+            if code_dir is not None:
+                code, _ = write_tree(writer, repo.chunker, code_dir, SKIP_IN_CODE, skip_virtualenvs=True)
+                record_path = os.path.relpath(code_dir, self.directory).replace(os.sep, "/")
+            record = ExperimentRecord(
+                created=utc_now(),
+                nonce=secrets.token_hex(8),
+                params=params_n,
+                user=metadata.current_user(),
+                host=metadata.current_host(),
+                command=metadata.current_command(),
+                python_version=metadata.python_version(),
+                python_packages=metadata.python_packages(),
+                git=metadata.git_state(self.directory),
+                keepsake_version=__version__,
+                path=record_path,
+                code=code,
+                config={"repository": repo.url},
+            )
+            experiment_id = writer.put(ObjectType.EXPERIMENT, record.encode())
+            head = HeadRecord(experiment_id, (), "running", utc_now())
+            head_id = writer.put(ObjectType.HEAD, head.encode())
+        repo.refs.set(experiment_ref(experiment_id), head_id, None)
+        summary = replace(Summary.of(experiment_id, record, head_id, head, ()), detached=detached)
+        experiment = Experiment(self, summary, live=True)
+        experiment._record = record
+        experiment._write_summary()
+        experiment._start_heartbeat()
+        return experiment
+
+    def attach(self, id_or_prefix: str) -> Experiment:
+        """Continue recording an experiment started elsewhere (``keepsake commit``).
+
+        No heartbeat is started. Raises InvalidArgument when it is already stopped.
+        """
+        found = self.get(id_or_prefix)
+        if found._summary.status != "running":
+            raise InvalidArgument(f"experiment {found.short_id} is {found._summary.status}; start a new one")
+        return Experiment(self, found._summary, live=True)
+
+    # -- reading -----------------------------------------------------------------------------
+
+    def experiment_heads(self) -> dict[ObjectId, ObjectId]:
+        """experiment id -> head id, for every experiment in the repository."""
+        refs = self.repo.refs.list(EXPERIMENTS)
+        return {ObjectId(name[len(EXPERIMENTS) :]): head for name, head in refs.items()}
+
+    def list(self, filter: str | list[str] | None = None, sort: str | None = None) -> ExperimentList:
+        """Every experiment (optionally filtered, e.g. ``"val_loss < 0.2"``), oldest first."""
+        cache = SummaryCache(self.repo)
+        experiments = [Experiment(self, cache.load(eid, head)) for eid, head in self.experiment_heads().items()]
+        result = ExperimentList(sorted(experiments, key=lambda e: e._summary.created))
+        if filter:
+            for f in [filter] if isinstance(filter, str) else filter:
+                result = result.filter(parse_filter(f))
+        if sort:
+            result = result.sorted_by(sort)
+        return result
+
+    def load_summary(self, experiment_id: ObjectId) -> Summary:
+        try:
+            head = self.repo.refs.get(experiment_ref(experiment_id))
+        except RefNotFound:
+            raise ObjectNotFound(experiment_id, what="experiment") from None
+        return SummaryCache(self.repo).load(experiment_id, head)
+
+    def checkpoint_summary(self, checkpoint_id: ObjectId) -> CheckpointSummary:
+        record = CheckpointRecord.decode(self.repo.objects.get(checkpoint_id, ObjectType.CHECKPOINT), checkpoint_id)
+        return CheckpointSummary.of(checkpoint_id, record)
+
+    def get(self, id_or_prefix: str) -> Experiment:
+        """The experiment with this id, unique id prefix or tag; a checkpoint id gives its
+        experiment. Raises ObjectNotFound or AmbiguousObjectId."""
+        found = self.resolve(id_or_prefix)
+        return found if isinstance(found, Experiment) else found.experiment
+
+    def resolve(self, id_or_prefix: str) -> Experiment | Checkpoint:
+        """An experiment or a checkpoint, by id, unique prefix (7+ characters) or tag."""
+        try:
+            target: ObjectId | None = self.repo.refs.get(TAGS + id_or_prefix)
+        except (RefNotFound, InvalidRefName):  # not a tag: try it as an id prefix
+            target = None
+        if target is not None:
+            return self._by_full_id(target)
+        if not is_id_prefix(id_or_prefix):
+            raise ObjectNotFound(id_or_prefix, what="experiment or checkpoint")
+        heads = self.experiment_heads()
+        cache = SummaryCache(self.repo)
+        matches: list[Experiment | Checkpoint] = []
+        for eid, head in heads.items():
+            if eid.startswith(id_or_prefix):
+                matches.append(Experiment(self, cache.load(eid, head)))
+        summaries = {eid: cache.load(eid, head) for eid, head in heads.items()}
+        for eid, summary in summaries.items():
+            for c in summary.checkpoints:
+                if c.id.startswith(id_or_prefix):
+                    matches.append(Checkpoint(Experiment(self, summary), c))
+        if not matches:
+            raise ObjectNotFound(id_or_prefix, what="experiment or checkpoint")
+        if len(matches) > 1:
+            raise AmbiguousObjectId(id_or_prefix, [m.id for m in matches])
+        return matches[0]
+
+    def _by_full_id(self, object_id: ObjectId) -> Experiment | Checkpoint:
+        heads = self.experiment_heads()
+        if object_id in heads:
+            return Experiment(self, SummaryCache(self.repo).load(object_id, heads[object_id]))
+        record = CheckpointRecord.decode(self.repo.objects.get(object_id, ObjectType.CHECKPOINT), object_id)
+        if record.experiment not in heads:
+            raise ObjectNotFound(object_id, what="experiment of checkpoint")
+        experiment = Experiment(self, SummaryCache(self.repo).load(record.experiment, heads[record.experiment]))
+        for c in experiment.checkpoints:
+            if c.id == object_id:
+                return c
+        raise ObjectNotFound(object_id, what="checkpoint (it was removed)")
+
+    # -- changing ----------------------------------------------------------------------------
+
+    def delete_experiment(self, experiment_id: ObjectId) -> None:
+        """Remove an experiment's ref and summary; gc reclaims its space later."""
+        self.repo.refs.delete(experiment_ref(experiment_id))
+        self.repo.storage.delete(summary_key(experiment_id))
+
+    def remove_checkpoint(self, checkpoint: Checkpoint) -> None:
+        """Remove one checkpoint from its experiment's head (compare-and-swap)."""
+        repo = self.repo
+        ref = experiment_ref(checkpoint.experiment.id)
+        for _ in range(10):
+            head_id = repo.refs.get(ref)
+            head = HeadRecord.decode(repo.objects.get(head_id, ObjectType.HEAD), head_id)
+            if checkpoint.id not in head.checkpoints:
+                return
+            new = HeadRecord(head.experiment, tuple(c for c in head.checkpoints if c != checkpoint.id), head.status, utc_now())
+            with repo.objects.writer() as writer:
+                new_id = writer.put(ObjectType.HEAD, new.encode())
+            try:
+                repo.refs.set(ref, new_id, head_id)
+            except RefConflict:
+                continue  # the experiment moved on meanwhile: re-read and retry
+            old = checkpoint.experiment._summary
+            summary = build_summary(repo, new_id, old.heartbeat)
+            repo.storage.write(summary_key(checkpoint.experiment.id), summary.encode())
+            return
+
+    def tag(self, name: str, target: Experiment | Checkpoint) -> None:
+        """Point tag ``name`` at an experiment or checkpoint (replacing an older tag)."""
+        self.repo.refs.set(TAGS + name, target.id, check=False)
+
+    def tags(self) -> dict[str, ObjectId]:
+        return {name[len(TAGS) :]: oid for name, oid in self.repo.refs.list(TAGS).items()}
+
+    @property
+    def experiments(self) -> ExperimentCollection:
+        return ExperimentCollection(self)
+
+
+class ExperimentCollection:
+    """``project.experiments``: list() and get(), as in the original Keepsake."""
+
+    def __init__(self, project: Project) -> None:
+        self._project = project
+
+    def list(self, filter: str | list[str] | None = None, sort: str | None = None) -> ExperimentList:
+        return self._project.list(filter, sort)
+
+    def get(self, id_or_prefix: str) -> Experiment:
+        return self._project.get(id_or_prefix)

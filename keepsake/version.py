@@ -1,0 +1,3 @@
+"""The Keepsake version."""
+
+__version__ = "0.1.0"
