@@ -1,7 +1,10 @@
-"""A stand-in training step for scripts/demo: writes a float32 model of 64 tensors.
+"""A small real training run for scripts/demo, tracked with Keepsake.
 
-``--step 1`` writes the initial weights; later steps change a fraction of the tensors
-(``--change``), as fine-tuning a few layers would. Deterministic for a given seed and step.
+A two-layer network on synthetic data, in numpy. The model file holds a frozen 32 MiB
+"pretrained" embedding (it never changes, so Keepsake stores it once for all checkpoints
+and both experiments) and the trained layers (which change every epoch).
+
+    python train.py --lr 0.1 --epochs 5
 """
 
 from __future__ import annotations
@@ -10,31 +13,67 @@ import argparse
 
 import numpy as np
 
-TENSORS = 64
-TENSOR_FLOATS = 256 * 1024  # 1 MiB each: 64 MiB in all
+import keepsake
+
+FEATURES, HIDDEN, CLASSES = 64, 256, 4
+EMBEDDING = (8192, 1024)  # 32 MiB of float32, frozen
 
 
-def weights(seed: int, step: int, change: float) -> list[np.ndarray]:
-    rng = np.random.default_rng(seed)
-    layers = [rng.standard_normal(TENSOR_FLOATS, dtype=np.float32) * 0.02 for _ in range(TENSORS)]
-    for s in range(2, step + 1):
-        step_rng = np.random.default_rng([seed, s])
-        changed = step_rng.choice(TENSORS, size=max(1, int(TENSORS * change)), replace=False)
-        for i in changed:
-            layers[i] = layers[i] + step_rng.standard_normal(TENSOR_FLOATS, dtype=np.float32) * 0.001
-    return layers
+def make_data(rng: np.random.Generator, n: int) -> tuple[np.ndarray, np.ndarray]:
+    x = rng.standard_normal((n, FEATURES)).astype(np.float32)
+    w = np.random.default_rng(7).standard_normal((FEATURES, CLASSES)).astype(np.float32)
+    return x, (x @ w).argmax(axis=1)
+
+
+def save(path: str, layers: dict[str, np.ndarray]) -> None:
+    # a stable file name and a fixed layout: the same bytes land in the same place each time
+    with open(path, "wb") as f:
+        for name in sorted(layers):
+            f.write(layers[name].astype(np.float32).tobytes())
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--out", required=True)
-    parser.add_argument("--seed", type=int, default=1)
-    parser.add_argument("--step", type=int, default=1)
-    parser.add_argument("--change", type=float, default=0.10)
+    parser.add_argument("--lr", type=float, default=0.1)
+    parser.add_argument("--epochs", type=int, default=5)
+    parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
-    with open(args.out, "wb") as f:
-        for layer in weights(args.seed, args.step, args.change):
-            f.write(layer.tobytes())
+
+    experiment = keepsake.init(path=".", params={"lr": args.lr, "epochs": args.epochs, "hidden": HIDDEN})
+    rng = np.random.default_rng(args.seed)
+    x, y = make_data(rng, 4096)
+    xv, yv = make_data(rng, 1024)
+    layers = {
+        "embedding": np.random.default_rng(1234).standard_normal(EMBEDDING).astype(np.float32) * 0.02,
+        "w1": rng.standard_normal((FEATURES, HIDDEN)).astype(np.float32) * 0.1,
+        "w2": rng.standard_normal((HIDDEN, CLASSES)).astype(np.float32) * 0.1,
+    }
+    for epoch in range(args.epochs):
+        for start in range(0, len(x), 128):
+            xb, yb = x[start : start + 128], y[start : start + 128]
+            h = np.maximum(xb @ layers["w1"], 0)
+            logits = h @ layers["w2"]
+            p = np.exp(logits - logits.max(axis=1, keepdims=True))
+            p /= p.sum(axis=1, keepdims=True)
+            p[np.arange(len(yb)), yb] -= 1
+            grad_w2 = h.T @ p / len(yb)
+            grad_h = (p @ layers["w2"].T) * (h > 0)
+            layers["w2"] -= args.lr * grad_w2
+            layers["w1"] -= args.lr * (xb.T @ grad_h / len(yb))
+        hv = np.maximum(xv @ layers["w1"], 0) @ layers["w2"]
+        pv = np.exp(hv - hv.max(axis=1, keepdims=True))
+        pv /= pv.sum(axis=1, keepdims=True)
+        val_loss = float(-np.log(pv[np.arange(len(yv)), yv] + 1e-9).mean())
+        accuracy = float((hv.argmax(axis=1) == yv).mean())
+        save("model.bin", layers)
+        experiment.checkpoint(
+            path="model.bin",
+            step=epoch,
+            metrics={"val_loss": val_loss, "accuracy": accuracy},
+            primary_metric=("val_loss", "minimize"),
+        )
+        print(f"epoch {epoch}: val_loss {val_loss:.4f} accuracy {accuracy:.3f}")
+    experiment.stop()
 
 
 if __name__ == "__main__":

@@ -40,6 +40,11 @@ PACK_SIZE = 32 << 20
 READ_GAP = 256 << 10
 #: Largest single ranged read.
 READ_SPAN = 16 << 20
+#: A writer merges index files smaller than SMALL_INDEX into one once more than
+#: MERGE_AT of them exist, so readers load few files however many flushes happened
+#: (every checkpoint writes one). Large index files are left alone: merging stays cheap.
+MERGE_AT = 32
+SMALL_INDEX = 4 << 20
 
 
 def default_workers() -> int:
@@ -66,7 +71,8 @@ class ObjectDB:
         self._cache = cache
         self._workers = workers or default_workers()
         self._entries: dict[ObjectId, PackEntry] = {}
-        self._indexes: set[str] = set()
+        self._indexes: dict[str, dict[PackId, list[PackEntry]]] = {}
+        self._index_sizes: dict[str, int] = {}
         self._loaded = False
         self._lock = threading.Lock()
         self._pool: ThreadPoolExecutor | None = None
@@ -78,6 +84,7 @@ class ObjectDB:
         infos = self.storage.list("index/")
         for info in infos:
             index_id = info.key.rsplit("/", 1)[-1]
+            self._index_sizes[index_id] = info.size
             if index_id in self._indexes:
                 continue
             data = self._cache.get(info.key) if self._cache else None
@@ -96,7 +103,7 @@ class ObjectDB:
             for entries in packs.values():
                 for e in entries:
                     self._entries.setdefault(e.id, e)
-            self._indexes.add(index_id)
+            self._indexes[index_id] = packs
 
     def _ensure_loaded(self) -> None:
         if not self._loaded:
@@ -267,6 +274,39 @@ class ObjectDB:
         if self._cache:
             self._cache.put(index_key(index_id), data)
         self._add_index(index_id, packs)
+        self._index_sizes[index_id] = len(data)
+        if sum(1 for size in self._index_sizes.values() if size < SMALL_INDEX) > MERGE_AT:
+            self.merge_indexes()
+
+    def merge_indexes(self) -> int:
+        """Merge the small index files into one; returns how many were replaced.
+
+        The merged file is written before any old one is deleted, so every pack stays
+        named by some index at every moment. Concurrent merges are harmless: equal content
+        gets the same name, and readers skip index files that vanish after listing.
+        """
+        self.refresh()
+        small = sorted(i for i, size in self._index_sizes.items() if size < SMALL_INDEX and i in self._indexes)
+        if len(small) < 2:
+            return 0
+        merged: dict[PackId, list[PackEntry]] = {}
+        for index_id in small:
+            for pack_id, entries in self._indexes[index_id].items():
+                merged.setdefault(pack_id, entries)
+        new_id, data = encode_index(merged)
+        self.storage.write(index_key(new_id), data)
+        if self._cache:
+            self._cache.put(index_key(new_id), data)
+        with self._lock:
+            self._indexes[new_id] = merged
+        self._index_sizes[new_id] = len(data)
+        for index_id in small:
+            if index_id != new_id:
+                self.storage.delete(index_key(index_id))
+                with self._lock:
+                    self._indexes.pop(index_id, None)
+                self._index_sizes.pop(index_id, None)
+        return len(small)
 
     def close(self) -> None:
         if self._pool is not None:
