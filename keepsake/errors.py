@@ -18,7 +18,8 @@
     │   ├── UnknownScheme
     │   └── ConfigError                 keepsake.yaml is malformed
     ├── ObjectNotFound                  no object (or ref) with that id/name
-    │   └── RefNotFound
+    │   ├── RefNotFound
+    │   └── NothingToRemove             rm was given no ids
     ├── WrongObjectType                 the id names an object of another type
     ├── RefConflict                     compare-and-swap lost: the ref changed meanwhile
     ├── StorageError                    the storage backend failed (network, auth, ...)
@@ -167,6 +168,17 @@ class RefNotFound(ObjectNotFound):
     def __init__(self, name: str) -> None:
         super().__init__(name, what="ref")
         self.name = name
+
+
+class NothingToRemove(ObjectNotFound):
+    """``keepsake rm`` got no ids, e.g. from an empty ``$(keepsake ls -q --filter ...)``."""
+
+    def __init__(self) -> None:
+        KeepsakeError.__init__(
+            self, 'nothing to remove: no experiment or checkpoint ids were given (see "keepsake ls -q")'
+        )
+        self.object_id = ""
+        self.what = "experiment or checkpoint"
 
 
 class WrongObjectType(KeepsakeError):

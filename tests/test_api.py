@@ -10,6 +10,7 @@ from pathlib import Path
 import keepsake
 import keepsake.errors as errors
 from keepsake.errors import (
+    NothingToRemove,
     InvalidArgument,
     UnsupportedValue,
     AmbiguousObjectId,
@@ -71,6 +72,7 @@ TREE: dict[type[KeepsakeError], tuple[type[Exception], int]] = {
     AmbiguousObjectId: (UsageError, 5),
     PathNotFound: (UsageError, 2),
     UnsupportedValue: (UsageError, 2),
+    NothingToRemove: (ObjectNotFound, 4),
     InvalidArgument: (UsageError, 2),
     CheckoutConflict: (UsageError, 2),
     RepositoryError: (KeepsakeError, 3),
@@ -97,6 +99,7 @@ SAMPLES: list[KeepsakeError] = [
     AmbiguousObjectId("abcdef0", ["abcdef01" + "0" * 24, "abcdef02" + "0" * 24]),
     PathNotFound("/no/such"),
     UnsupportedValue("params['x']", object()),
+    NothingToRemove(),
     InvalidArgument('primary_metric goal "lowest" is not "minimize" or "maximize"'),
     CheckoutConflict("/dir"),
     RepositoryError("repo"),

@@ -11,7 +11,7 @@ from typing import Any
 import click
 
 from keepsake.version import __version__
-from keepsake.cli import plumbing
+from keepsake.cli import plumbing, porcelain, tracking
 from keepsake.cli.session import Session
 from keepsake.errors import KeepsakeError
 
@@ -44,14 +44,16 @@ class KeepsakeGroup(click.Group):
 def cli(ctx: click.Context, repository: str | None) -> None:
     """Keepsake: version control for machine learning.
 
-    Plumbing commands work on the object store directly, like git's.
+    Track experiments from Python with keepsake.init() and experiment.checkpoint(), then
+    list, compare and restore them here (ls, show, diff, checkout). Plumbing commands
+    (hash-object, cat-file, ls-tree, ...) work on the object store directly, like git's.
     """
     session = Session(repository)
     ctx.obj = session
     ctx.call_on_close(session.close)
 
 
-for command in plumbing.COMMANDS:
+for command in [*plumbing.COMMANDS, *porcelain.COMMANDS, *tracking.COMMANDS]:
     cli.add_command(command)
 
 

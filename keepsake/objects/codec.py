@@ -70,16 +70,17 @@ def _decompressor() -> zstandard.ZstdDecompressor:
 
 
 _PLANE_OFFSETS = (np.arange(GROUP_STRIDE, dtype=np.uint16) * 256)[None, :]
-#: A bytegroup payload starts with the stride and one (method, length) header per plane.
+#: A bytegroup payload starts with the stride, then a (method, length) header per plane.
 _GROUP_HEADER = struct.Struct("<B" + "BI" * GROUP_STRIDE)
 #: A plane is zstd-compressed only when its sample has at most this many distinct bytes.
 _PLANE_MAX_DISTINCT = 200
 
-#: Batch detection: one np.bincount over the samples of up to _ROWS chunks, keyed by
-#: chunk * 1024 + plane * 256 + byte (fits uint16). The keys are added from a contiguous
-#: table, not broadcast from a (rows, 1, 4) one: numpy's inner loop then runs over 4096
-#: elements instead of 4, which made the add 6x cheaper (165 -> 25 us per 2 MiB batch).
+#: Chunks per np.bincount in _distinct_batch: keys chunk * 1024 + plane * 256 + byte fit
+#: uint16 for up to 64 chunks.
 _ROWS = 65536 // (256 * GROUP_STRIDE)
+#: The chunk * 1024 + plane * 256 part of those keys, laid out like the samples (512 KiB).
+#: Adding a full table instead of broadcasting a (rows, 1, 4) one lets numpy's inner loop
+#: run over 4096 elements instead of 4: the add went from 165 to 25 us per 2 MiB batch.
 _BATCH_KEYS = np.ascontiguousarray(
     np.broadcast_to(
         (np.arange(_ROWS * GROUP_STRIDE, dtype=np.uint16) * 256).reshape(_ROWS, 1, GROUP_STRIDE),
@@ -87,12 +88,10 @@ _BATCH_KEYS = np.ascontiguousarray(
     ).reshape(_ROWS, _SAMPLE)
 )
 
-#: Per-thread scratch for the planes of a batch (grown to the largest batch seen, up to
-#: _GROUP_BYTES), so the transposition writes into memory that is already mapped instead of
-#: a fresh allocation each time.
-_SCRATCH_INITIAL = 256 << 10
-#: compress_many transposes float chunks in groups of at most this many bytes
+#: compress_many transposes float chunks in groups of at most this many bytes (a writer
+#: batch is ~2 MiB), into a per-thread scratch buffer of that size at most.
 _GROUP_BYTES = 4 << 20
+_SCRATCH_INITIAL = 256 << 10
 
 
 def _distinct_per_plane(data: memoryview) -> list[int] | None:
@@ -105,19 +104,19 @@ def _distinct_per_plane(data: memoryview) -> list[int] | None:
 
 
 def _distinct_batch(views: list[memoryview]) -> list[list[int]]:
-    """:func:`_distinct_per_plane` for views of at least ``_SAMPLE`` bytes, in few numpy calls.
+    """:func:`_distinct_per_plane` of each view (all at least ``_SAMPLE`` bytes), batched.
 
-    Per chunk, the small numpy calls of :func:`_distinct_per_plane` cost ~18 us, all with
-    the GIL held; here ~7 us per chunk (one bincount per up to 64 chunks).
+    Per chunk, the five small numpy calls of _distinct_per_plane cost ~18 us, all with the
+    GIL held (np.bincount never releases it); here it is one bincount for up to 64 chunks,
+    ~6 us per chunk.
     """
     out: list[list[int]] = []
     for start in range(0, len(views), _ROWS):
         group = views[start : start + _ROWS]
         rows = len(group)
-        # one copy of the samples (128 KiB for 32 chunks) instead of 32 numpy calls
         samples = np.frombuffer(b"".join([v[:_SAMPLE] for v in group]), dtype=np.uint8).reshape(rows, _SAMPLE)
         keys = np.add(samples, _BATCH_KEYS[:rows], dtype=np.uint16)
-        # bincount converts its input to intp; doing it here first measured faster (~10%)
+        # bincount converts its input to intp anyway; astype first measured ~10% faster
         counts = np.bincount(keys.ravel().astype(np.intp), minlength=rows * 256 * GROUP_STRIDE)
         out += np.count_nonzero(counts.reshape(rows, GROUP_STRIDE, 256), axis=2).tolist()
     return out
@@ -135,30 +134,35 @@ def compress(data: bytes | bytearray | memoryview) -> tuple[Codec, bytes]:
     Raw is chosen when neither codec saves at least 2%.
     """
     view = memoryview(data).cast("B")
-    return _compress_view(view, _distinct_per_plane(view))
-
-
-def _compress_view(view: memoryview, distinct: list[int] | None) -> tuple[Codec, bytes]:
-    size = len(view)
-    limit = size * (1 - MIN_SAVING)
+    distinct = _distinct_per_plane(view)
     if distinct is not None and _looks_like_floats(distinct):
-        grouped = _compress_grouped(view, distinct)
-        if len(grouped) <= limit:
-            return Codec.BYTEGROUP, grouped
-        return Codec.RAW, bytes(view)
-    if size:
+        return _grouped_or_raw(view, _compress_grouped_many([view], [distinct])[0])
+    return _compress_other(view)
+
+
+def _compress_other(view: memoryview) -> tuple[Codec, bytes]:
+    """ZSTD, or RAW when that does not save enough."""
+    if len(view):
         packed = _compressor().compress(view)
-        if len(packed) <= limit:
+        if len(packed) <= len(view) * (1 - MIN_SAVING):
             return Codec.ZSTD, packed
+    return Codec.RAW, bytes(view)
+
+
+def _grouped_or_raw(view: memoryview, grouped: bytes) -> tuple[Codec, bytes]:
+    if len(grouped) <= len(view) * (1 - MIN_SAVING):
+        return Codec.BYTEGROUP, grouped
     return Codec.RAW, bytes(view)
 
 
 def compress_many(items: list[bytes | memoryview]) -> list[tuple[Codec, bytes]]:
     """Compress a batch (about 2 MiB of chunks); same results as :func:`compress` on each.
 
-    Work is done per batch where per-chunk calls would cost GIL time: one histogram for
-    the codec choice of all chunks (:func:`_distinct_batch`), one transposition and one
-    zstd call for the planes of all float chunks (:func:`_compress_grouped_many`).
+    Runs on the writer's worker threads, next to a main thread that chunks and hashes and
+    needs the GIL for every chunk. So the work is batched where per-chunk calls would hold
+    the GIL: one histogram for the codec choice of all chunks (:func:`_distinct_batch`),
+    and one zstd call for the compressible planes of all float chunks
+    (:func:`_compress_grouped_many`); the transpositions release the GIL.
     """
     views = [memoryview(item).cast("B") for item in items]
     results: list[tuple[Codec, bytes]] = [(Codec.RAW, b"")] * len(views)
@@ -168,55 +172,51 @@ def compress_many(items: list[bytes | memoryview]) -> list[tuple[Codec, bytes]]:
         if _looks_like_floats(distinct):
             floats.append((i, distinct))
         else:
-            results[i] = _compress_view(views[i], distinct)
+            results[i] = _compress_other(views[i])
     for i, v in enumerate(views):
-        if len(v) < _SAMPLE:
-            results[i] = _compress_view(v, _distinct_per_plane(v))
+        if len(v) < _SAMPLE:  # short objects (manifests, small files): the per-item path
+            results[i] = compress(v)
     start = 0
     while start < len(floats):
-        # groups of up to _GROUP_BYTES bound the scratch memory for any batch
         end, size = start + 1, len(views[floats[start][0]])
         while end < len(floats) and size + len(views[floats[end][0]]) <= _GROUP_BYTES:
             size += len(views[floats[end][0]])
             end += 1
         group = floats[start:end]
-        grouped = _compress_grouped_many([views[i] for i, _ in group], [d for _, d in group])
-        for (i, _), payload in zip(group, grouped):
-            view = views[i]
-            if len(payload) <= len(view) * (1 - MIN_SAVING):
-                results[i] = (Codec.BYTEGROUP, payload)
-            else:
-                results[i] = (Codec.RAW, bytes(view))
+        payloads = _compress_grouped_many([views[i] for i, _ in group], [d for _, d in group])
+        for (i, _), payload in zip(group, payloads):
+            results[i] = _grouped_or_raw(views[i], payload)
         start = end
     return results
 
 
 def _scratch(size: int) -> np.ndarray[tuple[int], np.dtype[np.uint8]]:
+    # Reused per thread: a fresh array per batch would be freshly mapped memory (page faults)
     if size > _GROUP_BYTES:
-        return np.empty(size, dtype=np.uint8)  # one big chunk: not kept
+        return np.empty(size, dtype=np.uint8)  # one huge object: not kept
     buf: np.ndarray[tuple[int], np.dtype[np.uint8]] | None = getattr(_local, "s", None)
     if buf is None or len(buf) < size:
         buf = _local.s = np.empty(max(size, _SCRATCH_INITIAL), dtype=np.uint8)
     return buf
 
 
-def _compress_grouped(view: memoryview, distinct: list[int]) -> bytes:
-    return _compress_grouped_many([view], [distinct])[0]
-
-
 def _compress_grouped_many(views: list[memoryview], distincts: list[list[int]]) -> list[bytes]:
-    """Bytegroup payloads for ``views``, with the planes of all of them in one scratch.
+    """Bytegroup payloads of ``views`` (the format of FORMAT.md §3), planes of all in one scratch.
 
-    Plane ``q`` of view ``j`` is ``rows[q][at_j : at_j + words_j]``: the 4-aligned parts of
-    the views are laid end to end (words_j = len_j // 4) and transposed once.
+    Plane ``q`` of view ``j`` is ``rows[q][at_j : at_j + words_j]``, with words_j =
+    len_j // 4 and at_j the sum of the words of the views before it.
     """
     aligned = [v[: len(v) // GROUP_STRIDE * GROUP_STRIDE] for v in views]
     total = sum(len(a) for a in aligned)
-    # bytes.join copies without the GIL from 1 MiB up (CPython), so does numpy's copyto;
-    # one call each instead of one per chunk saves ~6 us of GIL time per chunk.
-    source = aligned[0] if len(aligned) == 1 else b"".join(aligned)
     planes = _scratch(total)[:total].reshape(GROUP_STRIDE, total // GROUP_STRIDE)
-    np.copyto(planes, np.frombuffer(source, dtype=np.uint8).reshape(-1, GROUP_STRIDE).T)
+    at = 0
+    for a in aligned:
+        words = len(a) // GROUP_STRIDE
+        # a strided copy at ~3 GB/s, the GIL released (2-thread speedup 1.9). Copying the
+        # views together first (b"".join) and transposing once holds the GIL for the join:
+        # bytes.join drops it only for exact bytes items.
+        np.copyto(planes[:, at : at + words], np.frombuffer(a, dtype=np.uint8).reshape(-1, GROUP_STRIDE).T)
+        at += words
     rows = [memoryview(planes[q]) for q in range(GROUP_STRIDE)]
     to_pack: list[memoryview] = []
     at = 0
@@ -241,21 +241,22 @@ def _compress_grouped_many(views: list[memoryview], distincts: list[list[int]]) 
             framing += (method, len(body))
             bodies.append(body)
         at += words
-        # the one copy of the chunk into its payload (GIL held: under 1 MiB)
+        # the one copy of the chunk into its payload (with the GIL: join holds it below 1 MiB)
         payloads.append(b"".join([_GROUP_HEADER.pack(GROUP_STRIDE, *framing), *bodies, v[len(a) :]]))
     return payloads
 
 
-def _pack_planes(planes: list[memoryview]) -> list[memoryview] | list[bytes]:
-    """zstd-compress each plane on its own: one frame each, as ``compress`` would make them."""
-    if len(planes) <= 2:
+def _pack_planes(planes: list[memoryview]) -> list[bytes] | list[memoryview]:
+    """zstd-compress each plane on its own: one frame each, the same bytes as compress()."""
+    if len(planes) <= 2:  # compress(): one chunk
         comp = _plane_compressor()
         return [comp.compress(p) for p in planes]
-    # One C call for the whole batch, the GIL released throughout (instead of a release and
-    # re-acquire per plane). threads=1: it runs on the calling thread, which is already one
-    # of the writer's worker threads; more would oversubscribe the cores.
+    # One C call for the batch, the GIL released throughout, instead of a release and
+    # re-acquire per plane. threads=1 runs it on the calling thread: that is already one of
+    # the writer's workers, and more threads would only oversubscribe the cores.
     sources: list[bytes | bytearray | memoryview] = list(planes)  # the stub's parameter type
     collection = _plane_compressor().multi_compress_to_buffer(sources, threads=1)
+    # (BufferSegment supports the buffer protocol; its stub does not say so)
     return [memoryview(collection[i]) for i in range(len(collection))]  # type: ignore[arg-type]
 
 

@@ -65,10 +65,13 @@ class PackBuilder:
     pack is stored, so steady-state packing copies each envelope once and allocates nothing.
     """
 
+    #: first buffer size: a small write (a checkpoint of metrics) should not zero 32 MiB
+    INITIAL = 1 << 20
+
     def __init__(self, capacity: int) -> None:
         self._capacity = capacity
         self._spare: list[bytearray] = []
-        self._buf = bytearray(capacity)
+        self._buf = bytearray(min(capacity, self.INITIAL))
         self._size = 0
         self._entries: list[tuple[ObjectId, ObjectType, int, int, int]] = []
 
@@ -83,7 +86,9 @@ class PackBuilder:
         n = len(part)
         end = self._size + n
         if end > len(self._buf):
-            self._buf.extend(bytes(end - len(self._buf)))
+            # grow geometrically up to the pack size: few copies, no big upfront zeroing
+            grow = max(end, min(self._capacity, 2 * len(self._buf))) - len(self._buf)
+            self._buf.extend(bytes(grow))
         self._buf[self._size : end] = part
         self._size = end
 
@@ -103,7 +108,7 @@ class PackBuilder:
         data = memoryview(buf)[: self._size]
         pack_id = PackId(xxhash.xxh3_128_hexdigest(data))
         entries = [PackEntry(i, t, pack_id, o, n, r) for i, t, o, n, r in self._entries]
-        self._buf = self._spare.pop() if self._spare else bytearray(self._capacity)
+        self._buf = self._spare.pop() if self._spare else bytearray(min(self._capacity, self.INITIAL))
         self._size = 0
         self._entries = []
         return pack_id, data, entries, buf

@@ -23,6 +23,11 @@ _INT64 = (-(2**63), 2**64 - 1)
 def normalize(value: Any, where: str) -> Any:
     """Return ``value`` as plain msgpack-able data (arrays as np.ndarray), or raise
     UnsupportedValue naming ``where`` (e.g. ``metrics['loss']``)."""
+    if isinstance(value, np.generic):
+        # FIX (tests/tracking/test_values.py): checked first, because np.float64 and np.str_
+        # subclass float and str and were kept as numpy scalars, so a live experiment's
+        # metrics held numpy values while the same values read back as Python ones.
+        return normalize(value.item(), where)
     if value is None or isinstance(value, (bool, str)):
         return value
     if isinstance(value, int):
@@ -31,8 +36,6 @@ def normalize(value: Any, where: str) -> Any:
         return value
     if isinstance(value, float):
         return value
-    if isinstance(value, np.generic):
-        return normalize(value.item(), where)
     if isinstance(value, np.ndarray):
         if value.dtype.hasobject or value.dtype.kind not in "biufc":
             raise UnsupportedValue(where, value, f"arrays of dtype {value.dtype} cannot be stored")
@@ -47,7 +50,10 @@ def normalize(value: Any, where: str) -> Any:
         out = {}
         for key, item in value.items():
             if not isinstance(key, str):
-                raise UnsupportedValue(f"{where}[{key!r}]", key, "dictionary keys must be strings")
+                # FIX (tests/tracking/test_values.py): the message now names the key's type,
+                # as every other refusal names the value's type.
+                reason = f"dictionary keys must be strings, not {type(key).__name__}"
+                raise UnsupportedValue(f"{where}[{key!r}]", key, reason)
             out[key] = normalize(item, f"{where}[{key!r}]")
         return out
     if isinstance(value, (list, tuple)):
@@ -62,7 +68,9 @@ def _is_torch_tensor(value: Any) -> bool:
 
 def _default(value: Any) -> Any:
     if isinstance(value, np.ndarray):
-        array = np.ascontiguousarray(value)
+        # FIX (tests/tracking/test_values.py): np.ascontiguousarray returns at least 1-d, so
+        # a 0-d array was stored with shape [1]; keep the array's own shape.
+        array = np.ascontiguousarray(value).reshape(value.shape)
         payload = [array.dtype.str, list(array.shape), array.tobytes()]
         return msgpack.ExtType(EXT_NDARRAY, msgpack.packb(payload, use_bin_type=True))
     raise TypeError(f"cannot encode {type(value).__name__}")

@@ -21,8 +21,9 @@ from datetime import datetime, timezone
 from types import TracebackType
 from typing import TYPE_CHECKING, Any
 
-from keepsake.errors import InvalidArgument, ObjectNotFound, RefConflict
+from keepsake.errors import CheckoutConflict, InvalidArgument, ObjectNotFound, RefConflict
 from keepsake.objects.ids import ObjectId, ObjectType
+from keepsake.objects.manifests import check_entry_name
 from keepsake.objects.records import GOALS, CheckpointRecord, ExperimentRecord, HeadRecord
 from keepsake.objects.values import is_number, normalize
 from keepsake.objects.worktree import checkout_tree, find_entry, write_subpath
@@ -141,6 +142,7 @@ class Experiment:
         self._heartbeat: threading.Thread | None = None
         self._stop_event = threading.Event()
         self._failed = False
+        self._pid = os.getpid()
 
     # -- what it is --------------------------------------------------------------------------
 
@@ -255,7 +257,18 @@ class Experiment:
         written = 0
         db = self.project.repo.objects
         if self.code:
-            written += _checkout(db, self.code, output_directory, force=force)
+            # FIX (tests/tracking/test_api.py): code recorded from a subdirectory (path="src")
+            # was written at the top of output_directory while checkpoint files (saved
+            # relative to the project directory) went under their project paths, so the
+            # two did not line up. The code now goes to its own place in the project.
+            parts = (self.path or ".").split("/")
+            if parts == ["."] or any(check_entry_name(p) is not None for p in parts):
+                code_dir = output_directory  # the project itself (or outside it: as before)
+            else:
+                if not force and os.path.isdir(output_directory) and os.listdir(output_directory):
+                    raise CheckoutConflict(output_directory)
+                code_dir = os.path.join(output_directory, *parts)
+            written += _checkout(db, self.code, code_dir, force=force)
             force = True
         checkpoint = checkpoint or self.best() or self.latest()
         if checkpoint is not None:
@@ -426,7 +439,22 @@ class Experiment:
             return
         self._heartbeat = threading.Thread(target=self._beat, name=f"keepsake-heartbeat-{self.short_id}", daemon=True)
         self._heartbeat.start()
-        atexit.register(self._at_exit)
+        # FIX (tests/tracking/test_lifecycle.py): with atexit.register the hook ran after
+        # concurrent.futures had shut down its executors (threading's exit hooks run
+        # first), so writing the final head failed with "cannot schedule new futures after
+        # interpreter shutdown" and every experiment that ended without stop() stayed
+        # "running" (then "lost"). threading's exit hooks run in reverse order of
+        # registration, so ours runs before the executors are shut down (and after
+        # sys.excepthook, so _UNCAUGHT is already known).
+        # Forked children (multiprocessing, DataLoader workers) inherit these hooks and run
+        # them when they end: _at_exit acts only in the process that started the experiment.
+        register = getattr(threading, "_register_atexit", None)
+        try:
+            if register is None:
+                raise RuntimeError("no threading._register_atexit")
+            register(self._at_exit)
+        except RuntimeError:  # already shutting down, or another Python: plain atexit
+            atexit.register(self._at_exit)
         _watch_uncaught_exceptions()
         _LIVE.append(self)
 
@@ -442,6 +470,8 @@ class Experiment:
                 log.warning("keepsake: heartbeat for experiment %s failed: %s", self.short_id, exc)
 
     def _at_exit(self) -> None:
+        if os.getpid() != self._pid:
+            return  # a forked child ending: the experiment goes on in its parent
         try:
             self.stop("failed" if _UNCAUGHT.is_set() else "stopped")
         except Exception as exc:  # noqa: BLE001 - interpreter is exiting; report, do not raise

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import html
 import json
+import math
 import operator
 import re
 from collections.abc import Callable, Iterable
@@ -26,7 +27,9 @@ OPERATORS: dict[str, Callable[[Any, Any], bool]] = {
     ">=": operator.ge,
 }
 _FILTER = re.compile(r"^\s*(?P<key>[^<>=!]+?)\s*(?P<op><=|>=|!=|=|<|>)\s*(?P<value>.*?)\s*$")
-BUILTIN_KEYS = ("created", "step", "user", "host", "status", "id")
+BUILTIN_KEYS = ("created", "started", "step", "user", "host", "status", "id")
+#: keys whose filter values are dates (``started`` is the original Keepsake's name)
+DATE_KEYS = ("created", "started")
 _MISSING = object()
 
 
@@ -58,7 +61,7 @@ def parse_filter(text: str) -> Filter:
         )
     key, op, raw = match["key"], match["op"], match["value"]
     value: Any = parse_value(raw)
-    if key == "created":
+    if key in DATE_KEYS:
         value = _parse_date(raw)
     return Filter(key, op, value)
 
@@ -74,11 +77,11 @@ def _parse_date(text: str) -> datetime:
 def value_of(experiment: Experiment, key: str) -> Any:
     """The value ``key`` names for an experiment (used by filter, sort and ls columns).
 
-    Keys: created, step, user, host, status, id; ``params.NAME`` or ``metrics.NAME``; or a
-    bare NAME, looked up in params, then in the metrics of the best checkpoint (the latest
-    when there is no primary metric). Missing values are ``_MISSING``.
+    Keys: created (or started), step, user, host, status, id; ``params.NAME`` or
+    ``metrics.NAME``; or a bare NAME, looked up in params, then in the metrics of the best
+    checkpoint (the latest when there is no primary metric). Missing values are ``_MISSING``.
     """
-    if key == "created":
+    if key in DATE_KEYS:
         return experiment.created
     if key in ("user", "host", "status", "id"):
         return getattr(experiment, key)
@@ -130,6 +133,33 @@ def parse_sort(text: str) -> tuple[str, bool]:
     return text, False
 
 
+def is_known_key(key: str, names: Iterable[str]) -> bool:
+    """Whether ``key`` names a builtin key or one of ``names`` (params and metrics), bare or
+    as ``params.NAME`` / ``metrics.NAME``."""
+    names = set(names)
+    if key in BUILTIN_KEYS or key in names:
+        return True
+    for prefix in ("params.", "metrics."):
+        if key.startswith(prefix) and key[len(prefix) :] in names:
+            return True
+    return False
+
+
+def describe_keys(names: Iterable[str], limit: int = 20) -> str:
+    """The builtin keys, then up to ``limit`` param and metric names, for an error message."""
+    extra = sorted(set(names) - set(BUILTIN_KEYS))
+    shown = [*BUILTIN_KEYS, *extra[:limit]]
+    more = f" and {len(extra) - limit} more" if len(extra) > limit else ""
+    return ", ".join(shown) + more
+
+
+def _sort_value(value: Any) -> Any:
+    # NaN is unordered: sorting it among numbers would scramble the result, so it counts as missing
+    if value is _MISSING or (isinstance(value, float) and math.isnan(value)):
+        return _MISSING
+    return value
+
+
 class ExperimentList(list):  # type: ignore[type-arg]
     """A list of experiments with table, DataFrame and plotting helpers."""
 
@@ -137,22 +167,30 @@ class ExperimentList(list):  # type: ignore[type-arg]
         return ExperimentList(e for e in self if _matches(e, f))
 
     def sorted_by(self, text: str, known_keys: Iterable[str] | None = None) -> ExperimentList:
-        """Sort by a key (see :func:`value_of`); experiments without it go last.
+        """Sort by a key (see :func:`value_of`); experiments without it (or with NaN) go last,
+        in their previous order.
+
+        Args:
+            known_keys: keys that exist even if no experiment of this list has them (e.g.
+                every key of the unfiltered list); default: :meth:`keys`.
 
         Raises:
-            InvalidArgument: no experiment has the key, or its values are of mixed types.
+            InvalidArgument: the key is unknown, or its values are of mixed types.
         """
         key, descending = parse_sort(text)
-        values = [(value_of(e, key), e) for e in self]
+        values = [(_sort_value(value_of(e, key)), e) for e in self]
         present = [(v, e) for v, e in values if v is not _MISSING]
         missing = [e for v, e in values if v is _MISSING]
-        if self and not present:
-            known = ", ".join(sorted(set(BUILTIN_KEYS) | set(known_keys or self.keys())))
-            raise InvalidArgument(f"unknown sort key {key!r} (known keys: {known})")
+        known = set(known_keys) if known_keys is not None else self.keys()
+        if self and not present and not is_known_key(key, known):
+            raise InvalidArgument(f"unknown sort key {key!r} (known keys: {describe_keys(known)})")
         kinds = {_kind(v) for v, _ in present}
         if len(kinds) > 1:
             raise InvalidArgument(f"cannot sort by {key!r}: its values have different types ({', '.join(sorted(kinds))})")
-        present.sort(key=lambda ve: ve[0], reverse=descending)
+        try:
+            present.sort(key=lambda ve: ve[0], reverse=descending)
+        except TypeError as exc:  # e.g. dicts: one type, but no order
+            raise InvalidArgument(f"cannot sort by {key!r}: its values ({', '.join(sorted(kinds))}) have no order") from exc
         return ExperimentList([e for _, e in present] + missing)
 
     def keys(self) -> set[str]:
@@ -163,6 +201,26 @@ class ExperimentList(list):  # type: ignore[type-arg]
             for c in e._summary.checkpoints:
                 out.update(c.metrics)
         return out
+
+    def param_columns(self, all: bool = False) -> list[str]:
+        """The params ``keepsake ls`` shows: those that differ between experiments (every
+        param with ``all``), sorted; dict-valued params are left to ``show``."""
+        names = sorted({k for e in self for k in e.params}) if all else self.differing_params()
+        return [n for n in names if not any(isinstance(e.params.get(n), dict) for e in self)]
+
+    def metric_columns(self, all: bool = False) -> list[str]:
+        """The metrics ``keepsake ls`` shows next to checkpoints: the primary metrics of the
+        best checkpoints, or with ``all`` every metric of the best (else latest) checkpoints."""
+        names: set[str] = set()
+        for e in self:
+            if all:
+                checkpoint = e.best() or e.latest()
+                names.update(checkpoint.metrics if checkpoint else ())
+            else:
+                best = e.best()
+                if best is not None and best.primary_metric:
+                    names.add(best.primary_metric[0])
+        return sorted(names)
 
     def differing_params(self) -> list[str]:
         """Params whose values differ between experiments (or that only some have)."""

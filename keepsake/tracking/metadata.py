@@ -37,7 +37,10 @@ def python_packages() -> dict[str, str]:
     for dist in importlib.metadata.distributions():
         name = dist.metadata["Name"]
         if name:
-            packages[name] = dist.version
+            # FIX (tests/tracking/test_api.py): distributions come in sys.path order and the
+            # first is the one Python imports; later copies (e.g. an older one in the user
+            # site) used to overwrite it, recording a version that was not in use.
+            packages.setdefault(name, dist.version)
     return dict(sorted(packages.items(), key=lambda kv: kv[0].lower()))
 
 
