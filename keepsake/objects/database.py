@@ -23,6 +23,7 @@ from keepsake.objects.cache import FileCache
 from keepsake.objects.envelope import open_object, seal_many
 from keepsake.objects.ids import ObjectId, ObjectType, hash_object
 from keepsake.objects.manifests import Blob, Tree
+from keepsake.objects.sessions import DoomedLists, Operation, OperationScope
 from keepsake.objects.pack import (
     PackBuilder,
     PackEntry,
@@ -76,6 +77,9 @@ class ObjectDB:
         self._loaded = False
         self._lock = threading.Lock()
         self._pool: ThreadPoolExecutor | None = None
+        self.doomed = DoomedLists(storage, cache)
+        #: ``with db.operation():`` holds one write operation's marker (FORMAT.md §11)
+        self.operation = OperationScope(storage, self.doomed)
 
     # -- index ------------------------------------------------------------------------------
 
@@ -400,6 +404,10 @@ class ObjectWriter:
         self._written: dict[PackId, list[PackEntry]] = {}
         self._seen: set[ObjectId] = set()
         self.stats = WriteStats()
+        # a writer is (part of) a write operation: its marker protects what it relies on
+        self._scope = db.operation()
+        self._operation: Operation = self._scope.__enter__()
+        self._closed = False
 
     def __enter__(self) -> ObjectWriter:
         return self
@@ -418,7 +426,8 @@ class ObjectWriter:
         are fine: they keep the mapping alive).
         """
         oid = object_id or hash_object(object_type, data)
-        if oid in self._seen or self._db.has(oid):
+        # an object gc has doomed is stored again rather than relied on (FORMAT.md §11)
+        if oid in self._seen or (self._db.has(oid) and not self._db.doomed.contains(oid)):
             self.stats.objects_skipped += 1
             self.stats.logical_skipped += len(data)
             return oid
@@ -458,6 +467,7 @@ class ObjectWriter:
             self._complete_upload()
         fut = self._uploader.submit(self._db.storage.write, pack_key(pack_id), data)
         self._uploads.append((pack_id, entries, buf, fut))
+        self._operation.touch()
         self.stats.stored_bytes += len(data)
         self.stats.packs_written += 1
 
@@ -500,8 +510,12 @@ class ObjectWriter:
         self.close()
 
     def close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
         self._pool.shutdown(wait=True)
         self._uploader.shutdown(wait=True)
+        self._scope.__exit__(None, None, None)
 
 
 def put_value(writer: ObjectWriter, value: Blob | Tree) -> ObjectId:

@@ -22,6 +22,7 @@ from types import TracebackType
 from typing import TYPE_CHECKING, Any
 
 from keepsake.errors import CheckoutConflict, InvalidArgument, ObjectNotFound, RefConflict
+from keepsake.objects.database import ObjectWriter
 from keepsake.objects.ids import ObjectId, ObjectType
 from keepsake.objects.manifests import check_entry_name
 from keepsake.objects.records import GOALS, CheckpointRecord, ExperimentRecord, HeadRecord
@@ -349,7 +350,8 @@ class Experiment:
                 step = 0 if last is None else last + 1
             step = int(step)
             repo = self.project.repo
-            with repo.objects.writer() as writer:
+            # one operation from dedup snapshot to ref update: gc protects what it relies on
+            with repo.objects.operation(), repo.objects.writer() as writer:
                 files = None
                 if relpath is not None:
                     files, _ = write_subpath(writer, repo.chunker, self.project.directory, relpath)
@@ -364,8 +366,8 @@ class Experiment:
                     parent=previous[-1].id if previous else None,
                 )
                 checkpoint_id = writer.put(ObjectType.CHECKPOINT, record.encode())
-            entry = CheckpointSummary.of(checkpoint_id, record)
-            self._publish(lambda ids: ids + (checkpoint_id,), "running", added=entry)
+                entry = CheckpointSummary.of(checkpoint_id, record)
+                self._publish(lambda ids: ids + (checkpoint_id,), "running", added=entry, writer=writer)
             return Checkpoint(self, entry)
 
     def stop(self, status: str = "stopped") -> None:
@@ -394,7 +396,11 @@ class Experiment:
             raise InvalidArgument(f"cannot {what}: experiment {self.short_id} is stopped")
 
     def _publish(
-        self, change: Callable[[tuple[ObjectId, ...]], tuple[ObjectId, ...]], status: str, added: CheckpointSummary | None = None
+        self,
+        change: Callable[[tuple[ObjectId, ...]], tuple[ObjectId, ...]],
+        status: str,
+        added: CheckpointSummary | None = None,
+        writer: ObjectWriter | None = None,
     ) -> None:
         """Write a new head (objects, then ref by compare-and-swap), then the summary.
 
@@ -406,10 +412,15 @@ class Experiment:
         expected: ObjectId | None = self._summary.head
         checkpoints = tuple(c.id for c in self._summary.checkpoints)
         known = {c.id: c for c in self._summary.checkpoints}
-        for _ in range(10):
+        for attempt in range(10):
             head = HeadRecord(self.id, change(checkpoints), status, utc_now())
-            with repo.objects.writer() as writer:
+            if attempt == 0 and writer is not None:
+                # first try: the head goes into the checkpoint's own pack and index
                 head_id = writer.put(ObjectType.HEAD, head.encode())
+                writer.flush()
+            else:
+                with repo.objects.operation(), repo.objects.writer() as head_writer:
+                    head_id = head_writer.put(ObjectType.HEAD, head.encode())
             try:
                 repo.refs.set(ref, head_id, expected)
                 break

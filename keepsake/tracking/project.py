@@ -122,7 +122,7 @@ class Project:
                 raise PathNotFound(code_dir, "the code path must be a directory")
         repo = self._repo_for_writing()
         record_path = None
-        with repo.objects.writer() as writer:
+        with repo.objects.operation(), repo.objects.writer() as writer:
             code = None
             if code_dir is not None:
                 skip = SKIP_IN_CODE | self._repository_folder_in(code_dir)
@@ -146,7 +146,8 @@ class Project:
             experiment_id = writer.put(ObjectType.EXPERIMENT, record.encode())
             head = HeadRecord(experiment_id, (), "running", utc_now())
             head_id = writer.put(ObjectType.HEAD, head.encode())
-        repo.refs.set(experiment_ref(experiment_id), head_id, None)
+            writer.flush()  # objects, then index, then the ref, inside one operation
+            repo.refs.set(experiment_ref(experiment_id), head_id, None)
         # FIX (tests/tracking/test_lifecycle.py): the first summary had no heartbeat, so
         # other processes saw a just-started experiment as "lost" until its first beat
         # (HEARTBEAT_INTERVAL later) or first checkpoint.
@@ -287,10 +288,11 @@ class Project:
             if checkpoint.id not in head.checkpoints:
                 return
             new = HeadRecord(head.experiment, tuple(c for c in head.checkpoints if c != checkpoint.id), head.status, utc_now())
-            with repo.objects.writer() as writer:
-                new_id = writer.put(ObjectType.HEAD, new.encode())
             try:
-                repo.refs.set(ref, new_id, head_id)
+                with repo.objects.operation(), repo.objects.writer() as writer:
+                    new_id = writer.put(ObjectType.HEAD, new.encode())
+                    writer.flush()
+                    repo.refs.set(ref, new_id, head_id)
             except RefConflict:
                 continue  # the experiment moved on meanwhile: re-read and retry
             old = checkpoint.experiment._summary
