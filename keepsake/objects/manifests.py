@@ -12,9 +12,8 @@ import stat
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
-import msgpack
-
 from keepsake.errors import CorruptObject
+from keepsake.objects.wire import pack_msgpack, unpack_msgpack
 from keepsake.objects.ids import ID_BYTES, ObjectId, ObjectType, hash_object, id_from_bytes, id_to_bytes
 
 #: Files smaller than this are stored inside their blob instead of as a chunk.
@@ -25,31 +24,6 @@ MODE_EXECUTABLE = 0o100755
 MODE_SYMLINK = 0o120000
 MODE_TREE = 0o040000
 MODES = frozenset({MODE_FILE, MODE_EXECUTABLE, MODE_SYMLINK, MODE_TREE})
-
-#: Hard caps on decoded metadata, whatever a stored object claims.
-MAX_ENTRIES = 1 << 22
-
-
-def unpack_msgpack(data: bytes, object_id: str) -> Any:
-    """Decode msgpack with size limits; any failure is corruption, never a crash."""
-    try:
-        return msgpack.unpackb(
-            data,
-            raw=False,
-            strict_map_key=True,
-            max_array_len=MAX_ENTRIES,
-            max_map_len=1 << 16,
-            max_str_len=1 << 24,
-            max_bin_len=1 << 26,
-        )
-    except (ValueError, msgpack.ExtraData, msgpack.FormatError, msgpack.StackError, TypeError) as exc:
-        raise CorruptObject(object_id, f"bad msgpack: {exc}") from exc
-
-
-def pack_msgpack(value: Any) -> bytes:
-    packed: bytes = msgpack.packb(value, use_bin_type=True)
-    return packed
-
 
 def _require(cond: bool, object_id: str, reason: str) -> None:
     if not cond:

@@ -19,7 +19,7 @@ import xxhash
 from keepsake.errors import CorruptObject
 from keepsake.objects.envelope import HEADER_SIZE, seal, unseal
 from keepsake.objects.ids import ID_BYTES, ObjectId, ObjectType, id_from_bytes, id_to_bytes
-from keepsake.objects.manifests import pack_msgpack, unpack_msgpack
+from keepsake.objects.wire import pack_msgpack, unpack_msgpack
 
 PackId = ObjectId
 TRAILER = struct.Struct("<I4s")

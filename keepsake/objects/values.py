@@ -14,7 +14,8 @@ from typing import Any
 import msgpack
 import numpy as np
 
-from keepsake.errors import CorruptObject, UnsupportedValue
+from keepsake.errors import UnsupportedValue
+from keepsake.objects.wire import pack_msgpack, unpack_msgpack
 
 EXT_NDARRAY = 1
 _INT64 = (-(2**63), 2**64 - 1)
@@ -86,26 +87,12 @@ def _ext_hook(code: int, data: bytes) -> Any:
 
 def pack_values(doc: Any) -> bytes:
     """Canonical msgpack of a normalized document (records use this)."""
-    packed: bytes = msgpack.packb(doc, use_bin_type=True, default=_default)
-    return packed
+    return pack_msgpack(doc, default=_default)
 
 
 def unpack_values(data: bytes, object_id: str) -> Any:
     """Decode a record; corruption of any kind becomes CorruptObject."""
-    try:
-        return msgpack.unpackb(
-            data,
-            raw=False,
-            strict_map_key=True,
-            ext_hook=_ext_hook,
-            max_str_len=1 << 24,
-            max_bin_len=1 << 28,
-            max_array_len=1 << 22,
-            max_map_len=1 << 20,
-            max_ext_len=1 << 28,
-        )
-    except (ValueError, TypeError, msgpack.ExtraData, msgpack.FormatError, msgpack.StackError) as exc:
-        raise CorruptObject(object_id, f"bad record: {exc}") from exc
+    return unpack_msgpack(data, object_id, ext_hook=_ext_hook)
 
 
 def is_number(value: Any) -> bool:

@@ -52,7 +52,8 @@ from keepsake.errors import (
     WrongObjectType,
 )
 from keepsake.objects.ids import ObjectId, ObjectType, hash_object
-from keepsake.objects.manifests import MODE_FILE, MODE_TREE, Blob, pack_msgpack
+from keepsake.objects.manifests import MODE_FILE, MODE_TREE, Blob
+from keepsake.objects.wire import pack_msgpack
 from keepsake.objects.pack import pack_key
 from keepsake.objects.worktree import HashOnly, checkout_tree, write_blob_from_file, write_tree
 from keepsake.project import find_project

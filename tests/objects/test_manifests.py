@@ -15,9 +15,9 @@ from hypothesis import strategies as st
 from keepsake.errors import CorruptObject
 from keepsake.objects.ids import ObjectId, ObjectType, hash_object
 from keepsake.objects.records import referenced_ids
+from keepsake.objects.wire import MAX_ENTRIES
 from keepsake.objects.manifests import (
     INLINE_LIMIT,
-    MAX_ENTRIES,
     MODE_EXECUTABLE,
     MODE_FILE,
     MODE_SYMLINK,

@@ -12,7 +12,7 @@ from hypothesis import strategies as st
 from keepsake.errors import CorruptObject
 from keepsake.objects.envelope import HEADER_SIZE, open_object, seal, seal_parts
 from keepsake.objects.ids import ID_BYTES, CONTENT_TYPES, ObjectId, ObjectType, hash_object, id_to_bytes
-from keepsake.objects.manifests import pack_msgpack
+from keepsake.objects.wire import pack_msgpack
 from keepsake.objects.pack import (
     INDEX_VERSION,
     PACK_MAGIC,
