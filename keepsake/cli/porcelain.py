@@ -841,8 +841,8 @@ def rm_command(session: Session, force: bool, idents: tuple[str, ...]) -> None:
     """Remove experiments (with their checkpoints) or single checkpoints.
 
     Asks for confirmation when standard input is a terminal, unless -f. Tags pointing at
-    what is removed are removed too. The space comes back with garbage collection
-    ("keepsake gc").
+    what is removed are removed too. Removing frees no space yet: the data stays until
+    garbage collection, which is not in this version.
 
     \b
     Example:
@@ -881,7 +881,7 @@ def rm_command(session: Session, force: bool, idents: tuple[str, ...]) -> None:
                 except (RefNotFound, RefConflict):
                     continue  # removed or moved meanwhile by someone else: theirs stands
                 info(f"Removed tag {name}")
-    info('Their space comes back with garbage collection ("keepsake gc").')
+    info("Their data stays in the repository until garbage collection reclaims it (gc is not in this version yet).")
 
 
 @click.command("tag")
