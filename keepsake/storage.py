@@ -220,14 +220,18 @@ class Storage:
 
     # -- writes ------------------------------------------------------------------------------
 
-    def write(self, key: str, data: bytes | bytearray | memoryview) -> None:
+    def write(self, key: str, data: bytes | bytearray | memoryview, durable: bool = True) -> None:
         """Store ``data`` at ``key``, replacing any value; readers see all or nothing.
 
         On local disk the bytes are written to a temporary file, fsynced, and renamed into
         place, so a crash never leaves a half-written key.
+
+        Args:
+            durable: False skips the fsync, for data that is rebuilt or discarded after a
+                power loss (summaries, operation markers); the rename stays atomic.
         """
         if self.backend == "local":
-            self._call("write", key, lambda: self._local_write(key, data, replace=True))
+            self._call("write", key, lambda: self._local_write(key, data, replace=True, durable=durable))
         else:
             self._call("write", key, lambda: self._fs.pipe_file(self._path(key), bytes(data)))
 
@@ -339,7 +343,9 @@ class Storage:
 
     # -- local disk --------------------------------------------------------------------------
 
-    def _local_write(self, key: str, data: bytes | bytearray | memoryview, replace: bool) -> bool:
+    def _local_write(
+        self, key: str, data: bytes | bytearray | memoryview, replace: bool, durable: bool = True
+    ) -> bool:
         path = self._path(key)
         folder = os.path.dirname(path)
         os.makedirs(folder, exist_ok=True)
@@ -349,7 +355,8 @@ class Storage:
             with os.fdopen(fd, "wb") as f:
                 f.write(data)
                 f.flush()
-                os.fsync(f.fileno())
+                if durable:
+                    os.fsync(f.fileno())
             if replace:
                 os.replace(tmp, path)
                 return True

@@ -103,7 +103,7 @@ class Operation:
             "updated": time.time(),
             "seen": sorted(self.seen),
         }
-        self._storage.write(self.key, msgpack.packb(doc))
+        self._storage.write(self.key, msgpack.packb(doc), durable=False)  # gone after a reboot anyway
         self._written = time.monotonic()
 
     def start(self) -> None:

@@ -441,7 +441,8 @@ class Experiment:
         self._write_summary()
 
     def _write_summary(self) -> None:
-        self.project.repo.storage.write(summary_key(self.id), self._summary.encode())
+        # derived data (rebuilt from objects when stale): no fsync on the training loop's path
+        self.project.repo.storage.write(summary_key(self.id), self._summary.encode(), durable=False)
 
     # -- liveness ----------------------------------------------------------------------------
 
