@@ -9,7 +9,8 @@ from datetime import date, datetime, timezone
 from typing import Any
 
 import click
-import numpy as np
+
+from keepsake.objects.values import loaded_numpy
 
 #: how the JSON output spells the floats JSON has no token for (docs/CLI.md, "JSON output")
 NAN, INFINITY, NEG_INFINITY = "NaN", "Infinity", "-Infinity"
@@ -39,9 +40,10 @@ def to_json_value(value: Any) -> Any:
         if math.isinf(value):
             return INFINITY if value > 0 else NEG_INFINITY
         return value
-    if isinstance(value, np.ndarray):
+    np = loaded_numpy()
+    if np is not None and isinstance(value, np.ndarray):
         return to_json_value(value.tolist())
-    if isinstance(value, np.generic):
+    if np is not None and isinstance(value, np.generic):
         return to_json_value(value.item())
     if isinstance(value, complex):
         return str(value)
@@ -70,7 +72,8 @@ def format_value(value: Any, max_length: int | None = None) -> str:
     With ``max_length`` (tables): floats get 5 significant digits and long text is cut
     with ``...``.
     """
-    if isinstance(value, np.ndarray):
+    np = loaded_numpy()
+    if np is not None and isinstance(value, np.ndarray):
         if value.size > 8:
             text = f"array(shape={list(value.shape)}, dtype={value.dtype})"
         else:
