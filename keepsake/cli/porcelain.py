@@ -214,6 +214,8 @@ def ls_table(experiments: ExperimentList, all_columns: bool, tags: dict[str, lis
 
     def tag_names(e: Experiment) -> list[str]:
         names = list(tags.get(e.id, []))
+        if not tags:
+            return names  # the common case: no tags, no need to walk every checkpoint
         for c in e.checkpoints:
             names.extend(f"{name}@{c.short_id}" for name in tags.get(c.id, []))
         return names

@@ -137,6 +137,7 @@ class Experiment:
         self.project = project
         self._summary = summary
         self._record: ExperimentRecord | None = None
+        self._views_cache: tuple[Summary, tuple[Checkpoint, ...], Checkpoint | None] | None = None
         self._live = live
         self._lock = threading.RLock()
         self._stopped = not live
@@ -198,7 +199,18 @@ class Experiment:
     @property
     def checkpoints(self) -> list[Checkpoint]:
         """Checkpoints, oldest first."""
-        return [Checkpoint(self, c) for c in self._summary.checkpoints]
+        return list(self._views()[0])
+
+    def _views(self) -> tuple[tuple[Checkpoint, ...], Checkpoint | None]:
+        # (checkpoints, best), computed once per summary: listing calls best() and latest()
+        # several times for each of thousands of experiments
+        cached = self._views_cache
+        if cached is not None and cached[0] is self._summary:
+            return cached[1], cached[2]
+        views = tuple(Checkpoint(self, c) for c in self._summary.checkpoints)
+        best = self._find_best(views)
+        self._views_cache = (self._summary, views, best)
+        return views, best
 
     def primary_metric(self) -> tuple[str, str] | None:
         """The primary metric most recently declared by a checkpoint."""
@@ -209,20 +221,21 @@ class Experiment:
 
     def best(self) -> Checkpoint | None:
         """The checkpoint with the best primary metric, or None without one."""
+        return self._views()[1]
+
+    def _find_best(self, checkpoints: tuple[Checkpoint, ...]) -> Checkpoint | None:
         primary = self.primary_metric()
         if primary is None:
             return None
         name, goal = primary
-        scored = [
-            c for c in self.checkpoints if is_number(c.metrics.get(name)) and not math.isnan(c.metrics[name])
-        ]
+        scored = [c for c in checkpoints if is_number(c.metrics.get(name)) and not math.isnan(c.metrics[name])]
         if not scored:
             return None
         pick = min if goal == "minimize" else max
         return pick(scored, key=lambda c: c.metrics[name])
 
     def latest(self) -> Checkpoint | None:
-        checkpoints = self.checkpoints
+        checkpoints = self._views()[0]
         return checkpoints[-1] if checkpoints else None
 
     def metric_values(self, metric: str) -> tuple[list[Any], list[Any]]:
