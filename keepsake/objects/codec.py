@@ -89,7 +89,7 @@ _BATCH_KEYS = np.ascontiguousarray(
 )
 
 #: compress_many transposes float chunks in groups of at most this many bytes (a writer
-#: batch is ~2 MiB), into a per-thread scratch buffer of that size at most.
+#: batch is ~2 MiB), with a per-thread scratch buffer of twice that at most.
 _GROUP_BYTES = 4 << 20
 _SCRATCH_INITIAL = 256 << 10
 
@@ -192,7 +192,7 @@ def compress_many(items: list[bytes | memoryview]) -> list[tuple[Codec, bytes]]:
 
 def _scratch(size: int) -> np.ndarray[tuple[int], np.dtype[np.uint8]]:
     # Reused per thread: a fresh array per batch would be freshly mapped memory (page faults)
-    if size > _GROUP_BYTES:
+    if size > 2 * _GROUP_BYTES:
         return np.empty(size, dtype=np.uint8)  # one huge object: not kept
     buf: np.ndarray[tuple[int], np.dtype[np.uint8]] | None = getattr(_local, "s", None)
     if buf is None or len(buf) < size:
@@ -208,15 +208,24 @@ def _compress_grouped_many(views: list[memoryview], distincts: list[list[int]]) 
     """
     aligned = [v[: len(v) // GROUP_STRIDE * GROUP_STRIDE] for v in views]
     total = sum(len(a) for a in aligned)
-    planes = _scratch(total)[:total].reshape(GROUP_STRIDE, total // GROUP_STRIDE)
+    scratch = _scratch(2 * total)
+    planes = scratch[:total].reshape(GROUP_STRIDE, total // GROUP_STRIDE)
+    source = scratch[total : 2 * total]
     at = 0
     for a in aligned:
-        words = len(a) // GROUP_STRIDE
-        # a strided copy at ~3 GB/s, the GIL released (2-thread speedup 1.9). Copying the
-        # views together first (b"".join) and transposing once holds the GIL for the join:
-        # bytes.join drops it only for exact bytes items.
-        np.copyto(planes[:, at : at + words], np.frombuffer(a, dtype=np.uint8).reshape(-1, GROUP_STRIDE).T)
-        at += words
+        # one memcpy per chunk, the GIL released (numpy drops it for copies this size);
+        # np.concatenate or bytes.join of the views would hold it for the whole batch
+        np.copyto(source[at : at + len(a)], np.frombuffer(a, dtype=np.uint8))
+        at += len(a)
+    # The transposition, as little-endian words: plane q is byte q of each word, i.e. the
+    # low byte after q shifts by 8. A uint32 -> uint8 cast and an in-place shift are both
+    # SIMD loops in numpy: ~250 us per 2 MiB, against ~610 us for the strided byte copy
+    # (np.copyto(planes, bytes.reshape(-1, 4).T)). Both release the GIL.
+    w = source.view("<u4")
+    for q in range(GROUP_STRIDE):
+        if q:
+            np.right_shift(w, 8, out=w)
+        np.copyto(planes[q], w, casting="unsafe")
     rows = [memoryview(planes[q]) for q in range(GROUP_STRIDE)]
     to_pack: list[memoryview] = []
     at = 0
