@@ -12,14 +12,30 @@ incompressible are stored raw, which is why bytegroup is also cheap.
 
 from __future__ import annotations
 
+import functools
 import struct
 import threading
 from enum import IntEnum
+from typing import TYPE_CHECKING, Any
 
-import numpy as np
 import zstandard
 
 from keepsake.errors import CorruptObject
+
+if TYPE_CHECKING:
+    import numpy as np
+else:
+
+    class _Numpy:
+        """numpy, imported on first use: it costs ~80 ms, and `keepsake ls` never needs it."""
+
+        def __getattr__(self, name: str) -> Any:
+            import numpy
+
+            globals()["np"] = numpy  # later lookups find the module itself
+            return getattr(numpy, name)
+
+    np = _Numpy()
 
 ZSTD_LEVEL = 1
 #: keep compressed output only when it saves at least this fraction (2%)
@@ -69,7 +85,9 @@ def _decompressor() -> zstandard.ZstdDecompressor:
     return d
 
 
-_PLANE_OFFSETS = (np.arange(GROUP_STRIDE, dtype=np.uint16) * 256)[None, :]
+@functools.cache
+def _plane_offsets() -> Any:
+    return (np.arange(GROUP_STRIDE, dtype=np.uint16) * 256)[None, :]
 #: A bytegroup payload starts with the stride, then a (method, length) header per plane.
 _GROUP_HEADER = struct.Struct("<B" + "BI" * GROUP_STRIDE)
 #: A plane is zstd-compressed only when its sample has at most this many distinct bytes.
@@ -81,12 +99,14 @@ _ROWS = 65536 // (256 * GROUP_STRIDE)
 #: The chunk * 1024 + plane * 256 part of those keys, laid out like the samples (512 KiB).
 #: Adding a full table instead of broadcasting a (rows, 1, 4) one lets numpy's inner loop
 #: run over 4096 elements instead of 4: the add went from 165 to 25 us per 2 MiB batch.
-_BATCH_KEYS = np.ascontiguousarray(
-    np.broadcast_to(
-        (np.arange(_ROWS * GROUP_STRIDE, dtype=np.uint16) * 256).reshape(_ROWS, 1, GROUP_STRIDE),
-        (_ROWS, _SAMPLE // GROUP_STRIDE, GROUP_STRIDE),
-    ).reshape(_ROWS, _SAMPLE)
-)
+@functools.cache
+def _batch_keys() -> Any:
+    return np.ascontiguousarray(
+        np.broadcast_to(
+            (np.arange(_ROWS * GROUP_STRIDE, dtype=np.uint16) * 256).reshape(_ROWS, 1, GROUP_STRIDE),
+            (_ROWS, _SAMPLE // GROUP_STRIDE, GROUP_STRIDE),
+        ).reshape(_ROWS, _SAMPLE)
+    )
 
 #: compress_many transposes float chunks in groups of at most this many bytes (a writer
 #: batch is ~2 MiB), with a per-thread scratch buffer of twice that at most.
@@ -98,7 +118,7 @@ def _distinct_per_plane(data: memoryview) -> list[int] | None:
     n = min(len(data), _SAMPLE) // GROUP_STRIDE * GROUP_STRIDE
     if n < 256:
         return None
-    sample = np.frombuffer(data[:n], dtype=np.uint8).reshape(-1, GROUP_STRIDE) + _PLANE_OFFSETS
+    sample = np.frombuffer(data[:n], dtype=np.uint8).reshape(-1, GROUP_STRIDE) + _plane_offsets()
     counts = np.bincount(sample.ravel(), minlength=256 * GROUP_STRIDE).reshape(GROUP_STRIDE, 256)
     return np.count_nonzero(counts, axis=1).tolist()  # type: ignore[no-any-return]
 
@@ -115,7 +135,7 @@ def _distinct_batch(views: list[memoryview]) -> list[list[int]]:
         group = views[start : start + _ROWS]
         rows = len(group)
         samples = np.frombuffer(b"".join([v[:_SAMPLE] for v in group]), dtype=np.uint8).reshape(rows, _SAMPLE)
-        keys = np.add(samples, _BATCH_KEYS[:rows], dtype=np.uint16)
+        keys = np.add(samples, _batch_keys()[:rows], dtype=np.uint16)
         # bincount converts its input to intp anyway; astype first measured ~10% faster
         counts = np.bincount(keys.ravel().astype(np.intp), minlength=rows * 256 * GROUP_STRIDE)
         out += np.count_nonzero(counts.reshape(rows, GROUP_STRIDE, 256), axis=2).tolist()
