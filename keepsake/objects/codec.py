@@ -8,6 +8,21 @@ and compresses each plane on its own. Float weights keep sign and exponent in on
 each word: that plane compresses well, the mantissa planes barely. Measured on float32
 weights: zstd-1 0.924 of the input, bytegroup 0.850; bf16: 0.780 and 0.690. Planes that look
 incompressible are stored raw, which is why bytegroup is also cheap.
+
+Speed. The object writer calls :func:`compress_many` on 2 worker threads with ~2 MiB batches
+of ~80 KiB chunks, while its main thread chunks and hashes and needs the GIL for every
+chunk. Measured on a 2-core AMD EPYC VM, float32 N(0, 0.02):
+
+* CPU per GiB on one thread: 0.77 s (1.12 s with :func:`compress` per chunk). Per 2 MiB
+  batch: codec detection 220 us (was ~470 us in per-chunk calls; GIL held, np.bincount),
+  copy 180 us + transposition 240 us (the strided byte copy took 610 us), zstd of the
+  sign/exponent planes 760 us in one call, payload assembly ~80 us. Only the detection and
+  the assembly hold the GIL.
+* compress_many throughput: 1 thread 1.2-1.3 GB/s, 2 threads 1.5-1.8 GB/s (per-chunk
+  compress(): 0.77 and 0.85 GB/s; its many small numpy calls held the GIL).
+* Ingest of a 1 GiB file (write_blob_from_file, local repository, fsync per pack):
+  646-680 MB/s, was 396-465; stored/logical 0.8370, was 0.8374. With the packs on tmpfs:
+  686-717, was 434-526.
 """
 
 from __future__ import annotations
@@ -270,7 +285,8 @@ def _compress_grouped_many(views: list[memoryview], distincts: list[list[int]]) 
             framing += (method, len(body))
             bodies.append(body)
         at += words
-        # the one copy of the chunk into its payload (with the GIL: join holds it below 1 MiB)
+        # the one copy of the chunk into its payload; bytes.join keeps the GIL for it
+        # (it drops it only for exact-bytes items adding up to 1 MiB or more)
         payloads.append(b"".join([_GROUP_HEADER.pack(GROUP_STRIDE, *framing), *bodies, v[len(a) :]]))
     return payloads
 
