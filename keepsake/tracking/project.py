@@ -238,10 +238,9 @@ class Project:
         cache = SummaryCache(self.repo)
         matches: list[Experiment | Checkpoint] = []
         for eid, head in heads.items():
+            summary = cache.load(eid, head)  # read once: it answers for the experiment and its checkpoints
             if eid.startswith(id_or_prefix):
-                matches.append(Experiment(self, cache.load(eid, head)))
-        summaries = {eid: cache.load(eid, head) for eid, head in heads.items()}
-        for eid, summary in summaries.items():
+                matches.append(Experiment(self, summary))
             for c in summary.checkpoints:
                 if c.id.startswith(id_or_prefix):
                     matches.append(Checkpoint(Experiment(self, summary), c))
