@@ -22,6 +22,9 @@
     │   └── NothingToRemove             rm was given no ids
     ├── WrongObjectType                 the id names an object of another type
     ├── RefConflict                     compare-and-swap lost: the ref changed meanwhile
+    ├── DivergedRefs                    a transfer refused refs changed on both sides
+    ├── RepositoryBusy                  another gc holds the repository's gc lock
+    ├── RepositoryDamaged               gc refuses to run: reachable objects are missing or corrupt
     ├── StorageError                    the storage backend failed (network, auth, ...)
     │   └── KeyNotFound                 the one "missing" signal of keepsake.storage
     └── CorruptObject                   stored bytes do not decode or hash to their id
@@ -206,6 +209,31 @@ class RefConflict(KeepsakeError):
         )
 
 
+class RepositoryBusy(KeepsakeError):
+    exit_code = 10
+
+    def __init__(self, url: str, holder: str) -> None:
+        self.url = url
+        self.holder = holder
+        super().__init__(
+            f"another gc is running on {url} ({holder}); wait for it to finish, or, if it died, "
+            f"retry after its lock expires"
+        )
+
+
+class RepositoryDamaged(KeepsakeError):
+    exit_code = 11
+
+    def __init__(self, url: str, damaged: int, example: str) -> None:
+        self.url = url
+        self.damaged = damaged
+        self.example = example
+        super().__init__(
+            f"gc deleted nothing: {damaged} reachable objects in {url} are missing or corrupt "
+            f"(e.g. {example}); run \"keepsake fsck\" to see what is affected"
+        )
+
+
 class StorageError(KeepsakeError):
     exit_code = 8
 
@@ -237,3 +265,23 @@ class UnsafePath(CorruptObject):
     def __init__(self, object_id: str, name: str) -> None:
         self.name = name
         super().__init__(object_id, f"entry name {name!r} would write outside the checkout directory")
+
+
+class DivergedRefs(KeepsakeError):
+    """A push or pull refused to move refs that changed on both sides (docs/FORMAT.md §16).
+
+    Raised after everything else was transferred; ``refs`` holds (name, reason) pairs.
+    """
+
+    exit_code = 10
+
+    def __init__(self, destination: str, refs: Sequence[tuple[str, str]]) -> None:
+        self.destination = destination
+        self.refs = list(refs)
+        name, reason = self.refs[0]
+        more = f" and {len(self.refs) - 1} more" if len(self.refs) > 1 else ""
+        super().__init__(
+            f"{len(self.refs)} ref(s) not updated at {destination}: {name} ({reason}){more}; "
+            "the other refs were transferred (compare with \"keepsake ls\" on both sides, or "
+            "rerun with --force to overwrite them)"
+        )

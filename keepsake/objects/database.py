@@ -20,7 +20,7 @@ from dataclasses import dataclass
 
 from keepsake.errors import CorruptObject, KeyNotFound, ObjectNotFound, StorageError, WrongObjectType
 from keepsake.objects.cache import FileCache
-from keepsake.objects.envelope import open_object, seal_many
+from keepsake.objects.envelope import HEADER_SIZE, open_object, seal_many
 from keepsake.objects.ids import ObjectId, ObjectType, hash_object
 from keepsake.objects.manifests import Blob, Tree
 from keepsake.objects.sessions import DoomedLists, Operation, OperationScope
@@ -79,15 +79,29 @@ class ObjectDB:
         self._pool: ThreadPoolExecutor | None = None
         self.doomed = DoomedLists(storage, cache)
         #: ``with db.operation():`` holds one write operation's marker (FORMAT.md §11)
-        self.operation = OperationScope(storage, self.doomed)
+        self.operation = OperationScope(storage, self.doomed, self.refresh)
 
     # -- index ------------------------------------------------------------------------------
 
-    def refresh(self) -> None:
-        """Load every index file not loaded yet (from the local cache when it has them)."""
+    def refresh(self, full: bool = False) -> None:
+        """Load every index file not loaded yet (from the local cache when it has them).
+
+        When an index file loaded earlier is gone (gc or a merge replaced it), or with
+        ``full``, everything is rebuilt from the files listed now: entries of packs that gc
+        deleted must not linger, or a writer would skip storing an object that no longer
+        exists (FORMAT.md §11).
+        """
         infos = self.storage.list("index/")
-        for info in infos:
-            index_id = info.key.rsplit("/", 1)[-1]
+        listed = {info.key.rsplit("/", 1)[-1]: info for info in infos}
+        if full or any(index_id not in listed for index_id in self._indexes):
+            kept = {i: packs for i, packs in self._indexes.items() if i in listed and not full}
+            with self._lock:
+                self._entries = {}
+                self._indexes = {}
+            self._index_sizes = {}
+            for index_id, packs in kept.items():
+                self._add_index(index_id, packs)
+        for index_id, info in listed.items():
             self._index_sizes[index_id] = info.size
             if index_id in self._indexes:
                 continue
@@ -134,6 +148,12 @@ class ObjectDB:
         with self._lock:
             return dict(self._entries)
 
+    def index_files(self) -> dict[str, dict[PackId, list[PackEntry]]]:
+        """The loaded index files and the packs each names (a snapshot)."""
+        self._ensure_loaded()
+        with self._lock:
+            return dict(self._indexes)
+
     def find_prefix(self, prefix: str) -> list[ObjectId]:
         self._ensure_loaded()
         return [oid for oid in self._entries if oid.startswith(prefix)]
@@ -161,7 +181,10 @@ class ObjectDB:
             blobs = self.storage.read_ranges([(pack_key(p), s, e) for p, s, e, _ in spans])
         except KeyNotFound as exc:
             missing = next(e for e in entries if pack_key(e.pack) == exc.key)
-            raise CorruptObject(missing.id, f"its pack {missing.pack} is missing") from exc
+            moved = self._relocate(missing)  # gc may have repacked it (reloads the indexes)
+            if moved is None:
+                raise CorruptObject(missing.id, f"its pack {missing.pack} is missing") from exc
+            return self.read_envelopes([self._entries.get(e.id, e) for e in entries])
         except StorageError as exc:
             if "short read" not in str(exc):
                 raise
@@ -203,11 +226,27 @@ class ObjectDB:
             self._cache.put(cache_key, bytes(envelope))
         return result
 
+    def _relocate(self, entry: PackEntry) -> PackEntry | None:
+        """Where ``entry``'s object lives now that its pack is gone, if gc moved it.
+
+        gc repacks live objects into new packs and replaces the index files before it
+        deletes a pack, so a reader holding the old index finds the object again after a
+        full reload. None when the reload still names the same missing pack.
+        """
+        self.refresh(full=True)
+        moved = self._entries.get(entry.id)
+        if moved is None or moved.pack == entry.pack:
+            return None
+        return moved
+
     def _read_one(self, entry: PackEntry) -> bytes:
         try:
             return self.storage.read_range(pack_key(entry.pack), entry.offset, entry.end)
         except KeyNotFound as exc:
-            raise CorruptObject(entry.id, f"its pack {entry.pack} is missing") from exc
+            moved = self._relocate(entry)
+            if moved is None:
+                raise CorruptObject(entry.id, f"its pack {entry.pack} is missing") from exc
+            return self._read_one(moved)
         except Exception as exc:
             if "short read" in str(exc):
                 raise CorruptObject(entry.id, f"its pack {entry.pack} is truncated") from exc
@@ -304,6 +343,12 @@ class ObjectDB:
         with self._lock:
             self._indexes[new_id] = merged
         self._index_sizes[new_id] = len(data)
+        # If gc replaced a source meanwhile, the merged file may name a pack gc is about to
+        # delete: keep the sources (duplicates are harmless) and let gc's index clean-up
+        # see the merged file (FORMAT.md §11).
+        still = {info.key.rsplit("/", 1)[-1] for info in self.storage.list("index/")}
+        if not all(index_id in still for index_id in small):
+            return 0
         for index_id in small:
             if index_id != new_id:
                 self.storage.delete(index_key(index_id))
@@ -440,6 +485,29 @@ class ObjectWriter:
             self._submit_batch()
             self._drain(self.MAX_PENDING)
         return oid
+
+    def put_sealed(self, entry: PackEntry, envelope: bytes | memoryview, dedup: bool = True) -> bool:
+        """Add an object already sealed elsewhere (a pack being copied or repacked), byte for
+        byte, without compressing it again. Returns False when dedup skipped it.
+
+        The caller vouches for the envelope (it came from a verified read); it is not
+        decoded here. ``dedup=False`` stores it even when the index names a copy (gc
+        repacking an object out of a pack it is about to delete).
+        """
+        oid = entry.id
+        if oid in self._seen or (dedup and self._db.has(oid) and not self._db.doomed.contains(oid)):
+            self.stats.objects_skipped += 1
+            self.stats.logical_skipped += entry.raw_length
+            return False
+        self._seen.add(oid)
+        self._submit_batch()  # keep the pack order of earlier puts
+        done: Future[list[tuple[bytes, bytes]]] = Future()
+        done.set_result([(bytes(envelope[:HEADER_SIZE]), bytes(envelope[HEADER_SIZE:]))])
+        self._pending.append(([(oid, entry.type, entry.raw_length)], done))
+        self.stats.objects_written += 1
+        self.stats.logical_written += entry.raw_length
+        self._drain(self.MAX_PENDING)
+        return True
 
     def _submit_batch(self) -> None:
         # One task per ~2 MiB: per-chunk tasks cost more in executor overhead and GIL

@@ -17,19 +17,23 @@ import socket
 import threading
 import time
 import uuid
-from collections.abc import Iterator
+from dataclasses import dataclass
+from collections.abc import Callable, Iterator
 
 import msgpack
 
-from keepsake.errors import CorruptObject, KeyNotFound
+from keepsake.errors import CorruptObject, KeepsakeError, KeyNotFound
 from keepsake.objects.cache import FileCache
 from keepsake.objects.ids import ID_BYTES, ObjectId, id_from_bytes
 from keepsake.storage import Storage
 
 SESSIONS = "sessions/"
 DOOMED = "gc/doomed/"
-#: a long operation rewrites its marker at most this often, so gc can tell it is alive
+#: a live operation's marker is rewritten this often (by a daemon thread), so gc can tell
+#: a live writer from a dead one however long a single upload takes
 REFRESH_EVERY = 60.0
+#: a marker with no sign of life for this long belongs to a dead writer (FORMAT.md §11)
+MARKER_TIMEOUT = 5 * REFRESH_EVERY
 
 
 def encode_doomed(ids: list[ObjectId]) -> bytes:
@@ -79,6 +83,11 @@ class DoomedLists:
             self._lists = loaded
         return frozenset(loaded)
 
+    @property
+    def known(self) -> frozenset[str]:
+        """The lists loaded by the last refresh."""
+        return frozenset(self._lists)
+
     def contains(self, object_id: ObjectId) -> bool:
         return any(object_id in ids for ids in self._lists.values())
 
@@ -86,13 +95,16 @@ class DoomedLists:
 class Operation:
     """One write operation's marker. Created by :meth:`ObjectDB.operation`."""
 
-    def __init__(self, storage: Storage, seen: frozenset[str]) -> None:
+    def __init__(self, storage: Storage, seen: frozenset[str] = frozenset()) -> None:
         self._storage = storage
         self.id = uuid.uuid4().hex
         self.key = SESSIONS + self.id
         self.seen = seen
         self.started = time.time()
         self._written = 0.0
+        # touch() runs on the keeper thread: it must never recreate a marker end() removed
+        self._state = threading.Lock()
+        self._ended = False
 
     def _write(self) -> None:
         doc = {
@@ -106,37 +118,101 @@ class Operation:
         self._storage.write(self.key, msgpack.packb(doc), durable=False)  # gone after a reboot anyway
         self._written = time.monotonic()
 
-    def start(self) -> None:
+    def start(self, doomed: DoomedLists) -> None:
+        """Create the marker, then load the doomed lists it will honour.
+
+        The marker exists before the lists are read, so a gc that publishes a list and then
+        lists markers either finds this marker (and waits for it unless it names the list)
+        or is sure this operation reads the list. The marker first claims the lists loaded
+        last time (a claim the operation keeps: lists only get added, or removed once gc is
+        done with them) and is rewritten only when new lists appeared: one write per
+        operation in the common case.
+        """
+        self.seen = doomed.known
         self._write()
+        now = doomed.refresh()
+        if not now <= self.seen:
+            self.seen = now
+            self._write()
 
     def touch(self) -> None:
         """Rewrite the marker if it is getting old (called as packs are written)."""
-        if time.monotonic() - self._written > REFRESH_EVERY:
-            self._write()
+        with self._state:
+            if not self._ended and time.monotonic() - self._written > REFRESH_EVERY:
+                self._write()
 
     def end(self) -> None:
-        self._storage.delete(self.key)
+        with self._state:
+            self._ended = True
+            self._storage.delete(self.key)
 
 
-def read_operation(data: bytes, key: str) -> frozenset[str]:
-    """The doomed list ids a marker says its operation has seen."""
+@dataclass(frozen=True)
+class Marker:
+    """A write operation's marker as gc reads it."""
+
+    key: str
+    seen: frozenset[str]
+    host: str
+    pid: int
+    started: float
+    updated: float
+
+    def last_sign_of_life(self, mtime: float | None) -> float:
+        """The later of the writer's own clock and the storage's modification time."""
+        return max(self.updated, mtime or 0.0)
+
+
+def read_marker(data: bytes, key: str) -> Marker:
     try:
         doc = msgpack.unpackb(data, raw=False)
         seen = doc["seen"]
         if not isinstance(seen, list):
             raise TypeError("seen is not a list")
-        return frozenset(str(s) for s in seen)
+        started, updated = float(doc["started"]), float(doc["updated"])
+        return Marker(key, frozenset(str(s) for s in seen), str(doc.get("host", "?")), int(doc.get("pid", 0)), started, updated)
     except (ValueError, KeyError, TypeError, msgpack.ExtraData, msgpack.FormatError, msgpack.StackError) as exc:
         raise CorruptObject(key, f"session marker is malformed: {exc}") from exc
+
+
+def read_operation(data: bytes, key: str) -> frozenset[str]:
+    """The doomed list ids a marker says its operation has seen."""
+    return read_marker(data, key).seen
 
 
 class OperationScope:
     """Per-thread nesting, so a checkpoint's writers and its ref update share one marker."""
 
-    def __init__(self, storage: Storage, doomed: DoomedLists) -> None:
+    def __init__(self, storage: Storage, doomed: DoomedLists, snapshot: Callable[[], None]) -> None:
         self._storage = storage
         self._doomed = doomed
+        self._snapshot = snapshot
         self._local = threading.local()
+
+    _live: set[Operation] = set()
+    _live_lock = threading.Lock()
+    _keeper: threading.Thread | None = None
+
+    @classmethod
+    def _keep_alive(cls, op: Operation) -> None:
+        """Register ``op`` with the process's one marker-refreshing daemon thread."""
+        with cls._live_lock:
+            cls._live.add(op)
+            if cls._keeper is None or not cls._keeper.is_alive():
+                cls._keeper = threading.Thread(target=cls._refresh_loop, name="keepsake-markers", daemon=True)
+                cls._keeper.start()
+
+    @classmethod
+    def _refresh_loop(cls) -> None:
+        while True:
+            time.sleep(min(REFRESH_EVERY / 4, 1.0))  # touch() decides when to write
+            with cls._live_lock:
+                ops = list(cls._live)
+            for op in ops:
+                try:
+                    op.touch()
+                except KeepsakeError:
+                    pass  # a transient storage error: the next round retries, well within the timeout
 
     @property
     def current(self) -> Operation | None:
@@ -148,13 +224,18 @@ class OperationScope:
         if outer is not None:
             yield outer
             return
-        # the snapshot of doomed lists is taken before the marker names it: from here
-        # on, every dedup decision of this operation excludes those objects
-        op = Operation(self._storage, self._doomed.refresh())
-        op.start()
+        # marker, then doomed lists, then the dedup snapshot (the index), in that order:
+        # every dedup decision of this operation excludes the doomed objects, and sees
+        # index files gc rewrote
+        op = Operation(self._storage)
+        op.start(self._doomed)
         self._local.op = op
+        self._keep_alive(op)
         try:
+            self._snapshot()
             yield op
         finally:
             self._local.op = None
+            with self._live_lock:
+                self._live.discard(op)
             op.end()

@@ -1,0 +1,450 @@
+"""gc: delete what no ref reaches, safely while other processes write (FORMAT.md §11).
+
+One run, in order (each step is safe to interrupt; the next run picks up from the state it
+left):
+
+1. take the gc lock ``gc/lock`` (create-only; a lock with no sign of life for
+   LOCK_TIMEOUT is taken over);
+2. mark: walk everything reachable from refs. A damaged graph stops gc here, changing
+   nothing: what lies below a missing object would look like garbage;
+3. tidy up after earlier runs: index entries naming packs that no longer exist are dropped
+   (they would make writers skip objects that are gone), then earlier doomed lists removed;
+4. doom the unreachable objects of packs older than the grace period: publish them as a
+   doomed list, then wait until every live writer's marker says it has seen the list (or
+   has ended). Writers from then on store those objects again instead of relying on them;
+5. mark again: objects a writer published meanwhile are alive after all. The rest is dead;
+6. sweep: packs with no live object go; packs whose live share fell below REPACK_BELOW get
+   their live objects copied into a new pack first; index files are rewritten without the
+   swept packs and the old ones deleted, and only then are the packs deleted. Packs no index
+   names (left by crashed writers) go when older than the grace period and no live writer
+   started before them.
+
+The doomed list stays published until the next run's step 2, so a writer holding an index it
+loaded before the sweep still treats those objects as absent.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import time
+import uuid
+from collections import defaultdict
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+
+import msgpack
+
+from keepsake.errors import CorruptObject, KeyNotFound, RepositoryBusy, RepositoryDamaged
+from keepsake.objects.envelope import open_object
+from keepsake.objects.graph import Reachable, Root, walk
+from keepsake.objects.ids import ObjectId
+from keepsake.objects.pack import PackEntry, PackId, encode_index, index_key, pack_id_of_key, pack_key
+from keepsake.objects.sessions import DOOMED, MARKER_TIMEOUT, SESSIONS, Marker, encode_doomed, read_marker
+from keepsake.repository import Repository
+from keepsake.storage import KeyInfo, Storage
+
+LOCK_KEY = "gc/lock"
+#: a gc lock with no sign of life for this long belongs to a dead gc and may be taken over
+LOCK_TIMEOUT = 10 * 60.0
+#: default grace period: unreachable objects younger than this are kept (a writer that died
+#: mid-write is protected by it; live writers are protected by their markers)
+DEFAULT_GRACE = 24 * 3600.0
+#: a pack whose live bytes fall below this share of its object bytes is repacked
+REPACK_BELOW = 0.5
+#: how long gc waits for running writers to see its doomed list before deferring
+DEFAULT_WAIT = 120.0
+#: a pack written within this many seconds before a live writer started may be that
+#: writer's (clocks of different machines differ a little)
+CLOCK_SLACK = 60.0
+
+Progress = Callable[[str], None]
+
+
+@dataclass
+class GcReport:
+    """What a gc run found and did. Byte counts are stored bytes (packs + index files)."""
+
+    dry_run: bool
+    grace: float
+    reachable_objects: int = 0
+    unreachable_objects: int = 0
+    young_objects: int = 0  # unreachable but inside the grace period: kept
+    dead_objects: int = 0  # deleted (or, with dry_run, would be)
+    deferred_objects: int = 0  # doomed, but writers that had not seen the list were still running
+    revived_objects: int = 0  # doomed, then published by a writer before the sweep: kept
+    packs_deleted: int = 0
+    packs_repacked: int = 0
+    packs_partly_dead: int = 0  # kept as they are: most of their bytes are live
+    unindexed_packs_deleted: int = 0
+    objects_copied: int = 0
+    bytes_before: int = 0
+    bytes_after: int = 0
+    freed_estimate: int = 0  # dry run: bytes the sweep would free
+    waiting_for: list[str] = field(default_factory=list)  # markers gc gave up waiting for
+
+    @property
+    def freed(self) -> int:
+        return self.freed_estimate if self.dry_run else self.bytes_before - self.bytes_after
+
+
+# -- the lock -------------------------------------------------------------------------------
+
+
+class GcLock:
+    """``gc/lock``: one gc at a time per repository (two would race on index rewrites)."""
+
+    def __init__(self, storage: Storage) -> None:
+        self._storage = storage
+        self._doc = {"version": 1, "host": socket.gethostname(), "pid": os.getpid(), "started": time.time()}
+        self._written = 0.0
+
+    def _data(self) -> bytes:
+        packed: bytes = msgpack.packb({**self._doc, "updated": time.time()})
+        return packed
+
+    def acquire(self) -> None:
+        if self._storage.create(LOCK_KEY, self._data()):
+            self._written = time.monotonic()
+            return
+        try:
+            data, version = self._storage.read_versioned(LOCK_KEY)
+        except KeyNotFound:
+            return self.acquire()  # released meanwhile
+        holder, updated = _describe_lock(data)
+        mtime = next((i.mtime for i in self._storage.list("gc/") if i.key == LOCK_KEY and i.mtime), 0.0)
+        if time.time() - max(updated, mtime) < LOCK_TIMEOUT:
+            raise RepositoryBusy(self._storage.url, holder)
+        if not self._storage.swap(LOCK_KEY, self._data(), version):  # take over a dead gc's lock
+            raise RepositoryBusy(self._storage.url, "another gc took over a stale lock first")
+        self._written = time.monotonic()
+
+    def refresh(self) -> None:
+        if time.monotonic() - self._written > LOCK_TIMEOUT / 10:
+            self._storage.write(LOCK_KEY, self._data(), durable=False)
+            self._written = time.monotonic()
+
+    def release(self) -> None:
+        self._storage.delete(LOCK_KEY)
+
+
+def _describe_lock(data: bytes) -> tuple[str, float]:
+    try:
+        doc = msgpack.unpackb(data, raw=False)
+        return f"pid {doc['pid']} on {doc['host']}", float(doc["updated"])
+    except (ValueError, KeyError, TypeError, msgpack.ExtraData, msgpack.FormatError, msgpack.StackError):
+        return "unreadable lock", 0.0  # a damaged lock counts as stale
+
+
+# -- one run --------------------------------------------------------------------------------
+
+
+class _Run:
+    def __init__(self, repo: Repository, grace: float, wait: float, progress: Progress | None) -> None:
+        self.repo = repo
+        self.storage = repo.storage
+        self.db = repo.objects
+        self.grace = grace
+        self.wait = wait
+        self.say = progress or (lambda message: None)
+        self.started = time.time()
+
+    # -- state ------------------------------------------------------------------------------
+
+    def stored_bytes(self) -> int:
+        return sum(i.size for i in self.storage.list("packs/")) + sum(i.size for i in self.storage.list("index/"))
+
+    def packs(self) -> dict[PackId, KeyInfo]:
+        return {pid: info for info in self.storage.list("packs/") if (pid := pack_id_of_key(info.key))}
+
+    def index_files(self) -> dict[str, dict[PackId, list[PackEntry]]]:
+        self.db.refresh(full=True)
+        return self.db.index_files()
+
+    def markers(self) -> list[tuple[Marker, float | None]]:
+        out = []
+        for info in self.storage.list(SESSIONS):
+            try:
+                out.append((read_marker(self.storage.read(info.key), info.key), info.mtime))
+            except KeyNotFound:
+                continue  # the operation ended while we listed
+            except CorruptObject:
+                # unreadable: count it as a live writer that has seen nothing, until it is old
+                out.append((Marker(info.key, frozenset(), "?", 0, info.mtime or 0.0, info.mtime or 0.0), info.mtime))
+        return out
+
+    def live(self, marker: Marker, mtime: float | None) -> bool:
+        return time.time() - marker.last_sign_of_life(mtime) < MARKER_TIMEOUT
+
+    def mark(self) -> Reachable:
+        roots: list[Root] = [(target, None, f"ref {name}") for name, target in self.repo.refs.list().items()]
+        reach = walk(self.db, roots)
+        if not reach.complete:
+            damaged = {**reach.missing, **reach.corrupt}
+            oid, why = next(iter(sorted(damaged.items())))
+            raise RepositoryDamaged(self.storage.url, len(damaged), f"{oid}: {why}")
+        return reach
+
+    def old(self, info: KeyInfo) -> bool:
+        mtime = info.mtime if info.mtime is not None else self.started
+        return self.started - mtime >= self.grace
+
+    # -- steps ------------------------------------------------------------------------------
+
+    def tidy(self, lock: GcLock) -> None:
+        """Drop index entries of packs that are gone, then the doomed lists of earlier runs."""
+        present = set(self.packs())
+        self.rewrite_indexes(lambda pack: pack not in present, self.index_files())
+        for info in self.storage.list(DOOMED):
+            self.storage.delete(info.key)
+        lock.refresh()
+
+    def rewrite_indexes(self, gone: Callable[[PackId], bool], files: dict[str, dict[PackId, list[PackEntry]]]) -> int:
+        """Replace the index files that name a pack ``gone`` says is going by one file
+        naming their other packs: written first, then the old files deleted."""
+        affected = {i: packs for i, packs in files.items() if any(gone(p) for p in packs)}
+        if not affected:
+            return 0
+        kept: dict[PackId, list[PackEntry]] = {}
+        for packs in affected.values():
+            for pack_id, entries in packs.items():
+                if not gone(pack_id):
+                    kept.setdefault(pack_id, entries)
+        if kept:
+            new_id, data = encode_index(kept)
+            self.storage.write(index_key(new_id), data)
+        else:
+            new_id = ""
+        for index_id in affected:
+            if index_id != new_id:
+                self.storage.delete(index_key(index_id))
+        return len(affected)
+
+    def wait_for_writers(self, doomed_id: str, lock: GcLock) -> list[str]:
+        """Wait until every live marker has seen ``doomed_id``; returns those still blocking
+        when the wait ran out (empty: go ahead)."""
+        deadline = time.monotonic() + self.wait
+        delay = 0.05
+        while True:
+            blocking = [m.key for m, mtime in self.markers() if doomed_id not in m.seen and self.live(m, mtime)]
+            if not blocking or time.monotonic() >= deadline:
+                return blocking
+            self.say(f"waiting for {len(blocking)} running writers to finish")
+            lock.refresh()
+            time.sleep(delay)
+            delay = min(delay * 2, 2.0)
+
+    def sweep(self, dead: set[ObjectId], candidates: set[PackId], report: GcReport) -> set[PackId]:
+        """Delete the dead objects of ``candidates``; returns the packs deleted."""
+        files = self.index_files()
+        by_pack: dict[PackId, dict[ObjectId, PackEntry]] = defaultdict(dict)
+        copies: dict[ObjectId, set[PackId]] = defaultdict(set)
+        for packs in files.values():
+            for pack_id, entries in packs.items():
+                for e in entries:
+                    by_pack[pack_id][e.id] = e
+                    copies[e.id].add(pack_id)
+        removing: set[PackId] = set()
+        repack: set[PackId] = set()
+        for pack_id in candidates & set(by_pack):
+            members = by_pack[pack_id]
+            dead_bytes = sum(e.length for oid, e in members.items() if oid in dead)
+            if not dead_bytes:
+                continue
+            live_bytes = sum(e.length for oid, e in members.items() if oid not in dead)
+            if not live_bytes:
+                removing.add(pack_id)
+            elif live_bytes < REPACK_BELOW * (live_bytes + dead_bytes):
+                removing.add(pack_id)
+                repack.add(pack_id)
+            else:
+                report.packs_partly_dead += 1
+        # live objects whose every copy is in a pack that goes: copy them first
+        to_copy: dict[ObjectId, PackEntry] = {}
+        for pack_id in sorted(repack):
+            for oid, e in by_pack[pack_id].items():
+                if oid not in dead and copies[oid] <= removing:
+                    to_copy.setdefault(oid, e)
+        if to_copy:
+            self.say(f"repacking {len(to_copy)} live objects from {len(repack)} packs")
+            with self.db.writer() as writer:
+                entries_list = sorted(to_copy.values(), key=lambda e: (e.pack, e.offset))
+                for start in range(0, len(entries_list), 1024):
+                    batch = entries_list[start : start + 1024]
+                    for e, envelope in zip(batch, self.db.read_envelopes(batch)):
+                        open_object(envelope, e.id)  # never copy damage into a new pack
+                        writer.put_sealed(e, envelope, dedup=False)
+            report.objects_copied = len(to_copy)
+        # indexes first, then packs (a pack must never be named by no index while live, or
+        # be named by an index once deleted)
+        self.rewrite_indexes(lambda pack: pack in removing, self.index_files())
+        for pack_id in sorted(removing):
+            self.storage.delete(pack_key(pack_id))
+        report.packs_deleted = len(removing)
+        report.packs_repacked = len(repack)
+        # an index merged by a writer from files read before our rewrite may still name a
+        # swept pack: catch it now (and the next run's tidy catches a later one)
+        self.rewrite_indexes(lambda pack: pack in removing, self.index_files())
+        return removing
+
+    def sweep_unindexed(self, report: GcReport) -> None:
+        """Delete packs no index names, left by writers that died before writing their index."""
+        indexed = {p for packs in self.index_files().values() for p in packs}
+        starts = [m.started for m, mtime in self.markers() if self.live(m, mtime)]
+        for pack_id, info in sorted(self.packs().items()):
+            if pack_id in indexed or not self.old(info):
+                continue
+            written = info.mtime if info.mtime is not None else self.started
+            if any(start <= written + CLOCK_SLACK for start in starts):
+                continue  # may belong to a writer that is still running
+            self.storage.delete(info.key)
+            report.unindexed_packs_deleted += 1
+
+    def stale_markers(self) -> None:
+        """Markers of writers dead for long are noise; remove them."""
+        for marker, mtime in self.markers():
+            if time.time() - marker.last_sign_of_life(mtime) > 4 * MARKER_TIMEOUT:
+                self.storage.delete(marker.key)
+
+
+def collect_garbage(
+    repo: Repository,
+    grace: float = DEFAULT_GRACE,
+    dry_run: bool = False,
+    wait: float = DEFAULT_WAIT,
+    progress: Progress | None = None,
+) -> GcReport:
+    """Delete every object no ref reaches that is older than ``grace`` seconds.
+
+    Safe while other processes write (see the module docstring). With ``dry_run`` nothing is
+    written or deleted, and the report says what a run now would free.
+
+    Raises:
+        RepositoryBusy: another gc holds the lock.
+        RepositoryDamaged: something reachable is missing or corrupt; nothing was deleted.
+    """
+    run = _Run(repo, grace, wait, progress)
+    report = GcReport(dry_run=dry_run, grace=grace)
+    if dry_run:
+        return _plan(run, report)
+    lock = GcLock(run.storage)
+    lock.acquire()
+    try:
+        report.bytes_before = run.stored_bytes()
+        run.say("marking reachable objects")
+        reach = run.mark()  # first: a damaged repository is left exactly as it is
+        run.say("tidying up after earlier runs")
+        run.tidy(lock)
+        packs = run.packs()
+        candidates = {p for p, info in packs.items() if run.old(info)}
+        doomed, young = _unreachable(run.index_files(), reach.objects, candidates)
+        report.reachable_objects = len(reach.objects)
+        report.unreachable_objects = len(doomed) + len(young)
+        report.young_objects = len(young)
+        if doomed:
+            doomed_id = uuid.uuid4().hex
+            run.storage.write(DOOMED + doomed_id, encode_doomed(sorted(doomed)))
+            blocking = run.wait_for_writers(doomed_id, lock)
+            if blocking:
+                # the list stays: writers honour it from now on, and the next run sweeps
+                report.deferred_objects = len(doomed)
+                report.waiting_for = blocking
+            else:
+                lock.refresh()
+                run.say("marking again")
+                again = run.mark()
+                dead = doomed - again.objects
+                report.revived_objects = len(doomed) - len(dead)
+                report.dead_objects = len(dead)
+                run.sweep(dead, candidates, report)
+        if not report.waiting_for:
+            run.sweep_unindexed(report)
+        run.stale_markers()
+        report.bytes_after = run.stored_bytes()
+    finally:
+        lock.release()
+    return report
+
+
+def _unreachable(
+    files: dict[str, dict[PackId, list[PackEntry]]], reachable: set[ObjectId], candidates: set[PackId]
+) -> tuple[set[ObjectId], set[ObjectId]]:
+    """Unreachable objects, split into doomed ones (in packs past the grace period) and
+    young ones. An object with a copy in a young pack is young: it may be being reused."""
+    doomed: set[ObjectId] = set()
+    young: set[ObjectId] = set()
+    for packs in files.values():
+        for pack_id, entries in packs.items():
+            for e in entries:
+                if e.id not in reachable:
+                    (doomed if pack_id in candidates else young).add(e.id)
+    return doomed - young, young
+
+
+def _plan(run: _Run, report: GcReport) -> GcReport:
+    """A dry run: what a sweep now would free, if no writer revived anything."""
+    report.bytes_before = report.bytes_after = run.stored_bytes()
+    reach = run.mark()
+    packs = run.packs()
+    candidates = {p for p, info in packs.items() if run.old(info)}
+    files = run.index_files()
+    doomed, young = _unreachable(files, reach.objects, candidates)
+    report.reachable_objects = len(reach.objects)
+    report.unreachable_objects = len(doomed) + len(young)
+    report.young_objects = len(young)
+    report.dead_objects = len(doomed)
+    by_pack: dict[PackId, dict[ObjectId, PackEntry]] = defaultdict(dict)
+    for pf in files.values():
+        for pack_id, entries in pf.items():
+            for e in entries:
+                by_pack[pack_id][e.id] = e
+    for pack_id in candidates & set(by_pack):
+        members = by_pack[pack_id]
+        dead_bytes = sum(e.length for oid, e in members.items() if oid in doomed)
+        live_bytes = sum(e.length for oid, e in members.items() if oid not in doomed)
+        if not dead_bytes:
+            continue
+        if not live_bytes:
+            report.packs_deleted += 1
+            report.freed_estimate += packs[pack_id].size
+        elif live_bytes < REPACK_BELOW * (live_bytes + dead_bytes):
+            report.packs_repacked += 1
+            report.freed_estimate += dead_bytes
+        else:
+            report.packs_partly_dead += 1
+    indexed = set(by_pack)
+    for pack_id, info in packs.items():
+        if pack_id not in indexed and run.old(info):
+            report.unindexed_packs_deleted += 1
+            report.freed_estimate += info.size
+    return report
+
+
+def describe(report: GcReport) -> Iterable[str]:
+    """Lines for humans."""
+    verb = "would free" if report.dry_run else "freed"
+    yield (
+        f"{report.reachable_objects} objects reachable, {report.unreachable_objects} unreachable "
+        f"({report.young_objects} younger than the grace period, kept)"
+    )
+    if report.deferred_objects:
+        yield (
+            f"{report.deferred_objects} objects deferred: {len(report.waiting_for)} writers that started "
+            f"before this run are still running; the next gc deletes them"
+        )
+    if report.revived_objects:
+        yield f"{report.revived_objects} objects kept: writers published them during the run"
+    yield (
+        f"packs: {report.packs_deleted} deleted ({report.packs_repacked} after repacking their live objects), "
+        f"{report.packs_partly_dead} partly unreachable kept, {report.unindexed_packs_deleted} unindexed deleted"
+    )
+    yield f"{verb} {_human(report.freed)} ({report.dead_objects} objects)"
+
+
+def _human(n: int) -> str:
+    size = float(n)
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if abs(size) < 1024 or unit == "GiB":
+            return f"{size:.1f} {unit}" if unit != "B" else f"{n} B"
+        size /= 1024
+    return f"{n} B"
