@@ -176,9 +176,23 @@ class _Run:
     def live(self, marker: Marker, mtime: float | None) -> bool:
         return time.time() - marker.last_sign_of_life(mtime) < MARKER_TIMEOUT
 
-    def mark(self) -> Reachable:
-        roots: list[Root] = [(target, None, f"ref {name}") for name, target in self.repo.refs.list().items()]
-        reach = walk(self.db, roots)
+    def mark(self, replaced: dict[str, list[Root]] | None = None) -> Reachable:
+        """Walk from the refs. Refs are listed before the index is loaded: a writer stores
+        objects and their index before it publishes a ref, so whatever a listed ref needs is
+        in the index loaded after it. (A merge that replaced an index file between our
+        listing and our read can still hide objects: a damaged-looking walk is retried
+        with a fresh index before it counts.)"""
+        for attempt in range(3):
+            roots: list[Root] = []
+            for name, target in self.repo.refs.list().items():
+                if replaced and name in replaced:
+                    roots.extend(replaced[name])
+                else:
+                    roots.append((target, None, f"ref {name}"))
+            self.db.refresh(full=attempt > 0)
+            reach = walk(self.db, roots)
+            if reach.complete:
+                return reach
         if not reach.complete:
             damaged = {**reach.missing, **reach.corrupt}
             oid, why = next(iter(sorted(damaged.items())))
@@ -313,11 +327,14 @@ def collect_garbage(
     dry_run: bool = False,
     wait: float = DEFAULT_WAIT,
     progress: Progress | None = None,
+    planned_refs: dict[str, list[Root]] | None = None,
 ) -> GcReport:
     """Delete every object no ref reaches that is older than ``grace`` seconds.
 
     Safe while other processes write (see the module docstring). With ``dry_run`` nothing is
-    written or deleted, and the report says what a run now would free.
+    written or deleted, and the report says what a run now would free; ``planned_refs``
+    then stands in for refs as a planned change would leave them (ref name -> the roots
+    it would have instead), so a retention dry run can say what it would free.
 
     Raises:
         RepositoryBusy: another gc holds the lock.
@@ -326,7 +343,7 @@ def collect_garbage(
     run = _Run(repo, grace, wait, progress)
     report = GcReport(dry_run=dry_run, grace=grace)
     if dry_run:
-        return _plan(run, report)
+        return _plan(run, report, planned_refs)
     lock = GcLock(run.storage)
     lock.acquire()
     try:
@@ -381,10 +398,10 @@ def _unreachable(
     return doomed - young, young
 
 
-def _plan(run: _Run, report: GcReport) -> GcReport:
+def _plan(run: _Run, report: GcReport, planned_refs: dict[str, list[Root]] | None) -> GcReport:
     """A dry run: what a sweep now would free, if no writer revived anything."""
     report.bytes_before = report.bytes_after = run.stored_bytes()
-    reach = run.mark()
+    reach = run.mark(planned_refs)
     packs = run.packs()
     candidates = {p for p, info in packs.items() if run.old(info)}
     files = run.index_files()
