@@ -39,8 +39,25 @@ from keepsake.errors import CorruptObject, KeyNotFound, RepositoryBusy, Reposito
 from keepsake.objects.envelope import open_object
 from keepsake.objects.graph import Reachable, Root, walk
 from keepsake.objects.ids import ObjectId
-from keepsake.objects.pack import PackEntry, PackId, encode_index, index_key, pack_id_of_key, pack_key
-from keepsake.objects.sessions import DOOMED, MARKER_TIMEOUT, SESSIONS, Marker, encode_doomed, read_marker
+from keepsake.objects.pack import (
+    TRAILER,
+    PackEntry,
+    PackId,
+    encode_index,
+    index_key,
+    pack_id_of_key,
+    pack_key,
+    read_pack_footer,
+)
+from keepsake.objects.sessions import (
+    DOOMED,
+    MARKER_TIMEOUT,
+    SESSIONS,
+    Marker,
+    decode_doomed,
+    encode_doomed,
+    read_marker,
+)
 from keepsake.repository import Repository
 from keepsake.storage import KeyInfo, Storage
 
@@ -465,3 +482,97 @@ def _human(n: int) -> str:
             return f"{size:.1f} {unit}" if unit != "B" else f"{n} B"
         size /= 1024
     return f"{n} B"
+
+
+# -- fsck --repair ----------------------------------------------------------------------------
+
+
+@dataclass
+class RepairReport:
+    """What ``keepsake fsck --repair`` changed."""
+
+    packs_reindexed: int = 0  # packs no readable index named, indexed again from their footers
+    unreadable_packs: list[str] = field(default_factory=list)  # unindexed packs whose footer is damaged
+    corrupt_indexes_removed: int = 0
+    index_files_rewritten: int = 0  # index files that named packs that are gone
+    doomed_lists_removed: int = 0  # undecodable doomed lists
+    markers_removed: int = 0  # undecodable operation markers
+
+    def lines(self) -> list[str]:
+        out = [
+            f"reindexed {self.packs_reindexed} packs from their footers",
+            f"removed {self.corrupt_indexes_removed} undecodable index files",
+            f"rewrote {self.index_files_rewritten} index files that named missing packs",
+            f"removed {self.doomed_lists_removed} undecodable doomed lists and {self.markers_removed} undecodable markers",
+        ]
+        out += [f"pack {p} has a damaged footer: left in place (gc deletes it once old)" for p in self.unreadable_packs]
+        return out
+
+
+def repair(repo: Repository) -> RepairReport:
+    """Rebuild what can be rebuilt, delete only what is provably not data (FORMAT.md §11).
+
+    Index files are derived from pack footers: a pack that no readable index names gets a
+    new index from its footer (its objects become visible again; if nothing reaches them,
+    gc reclaims them), and only then are undecodable index files deleted. Entries naming
+    packs that no longer exist are dropped (they would make writers skip re-storing those
+    objects). Undecodable doomed lists and markers, which would stop every writer or hold
+    gc back, are removed. Nothing a ref reaches is ever deleted. Runs under the gc lock.
+    """
+    storage = repo.storage
+    report = RepairReport()
+    lock = GcLock(storage)
+    lock.acquire()
+    try:
+        bad: dict[str, str] = {}
+        repo.objects.refresh(full=True, damaged=bad)
+        files = repo.objects.index_files()
+        indexed = {p for packs in files.values() for p in packs}
+        recovered: dict[PackId, list[PackEntry]] = {}
+        for info in storage.list("packs/"):
+            pack_id = pack_id_of_key(info.key)
+            if pack_id is None or pack_id in indexed:
+                continue
+            try:
+                tail = storage.read_range(info.key, max(0, info.size - (1 << 20)), info.size)
+                try:
+                    entries = read_pack_footer(pack_id, tail, info.size)
+                except CorruptObject as exc:
+                    if "footer needs" not in exc.reason or len(tail) < TRAILER.size:
+                        raise
+                    entries = read_pack_footer(pack_id, storage.read(info.key), info.size)
+            except CorruptObject:
+                report.unreadable_packs.append(pack_id)
+                continue
+            recovered[pack_id] = entries
+        rebuilt = ""
+        if recovered:
+            rebuilt, data = encode_index(recovered)
+            storage.write(index_key(rebuilt), data)  # may overwrite a damaged file of that name
+            report.packs_reindexed = len(recovered)
+        for index_id in bad:
+            if index_id != rebuilt:
+                storage.delete(index_key(index_id))
+        report.corrupt_indexes_removed = len(bad)
+        present = {p for info in storage.list("packs/") if (p := pack_id_of_key(info.key))}
+        run = _Run(repo, DEFAULT_GRACE, 0.0, None)
+        report.index_files_rewritten = run.rewrite_indexes(lambda pack: pack not in present, run.index_files())
+        for info in storage.list(DOOMED):
+            try:
+                decode_doomed(storage.read(info.key), info.key)
+            except CorruptObject:
+                storage.delete(info.key)
+                report.doomed_lists_removed += 1
+            except KeyNotFound:
+                continue
+        for info in storage.list(SESSIONS):
+            try:
+                read_marker(storage.read(info.key), info.key)
+            except CorruptObject:
+                storage.delete(info.key)
+                report.markers_removed += 1
+            except KeyNotFound:
+                continue
+    finally:
+        lock.release()
+    return report

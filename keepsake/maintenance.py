@@ -12,7 +12,7 @@ from keepsake.errors import CorruptObject, KeyNotFound
 from keepsake.objects.envelope import open_object
 from keepsake.objects.ids import ObjectId, ObjectType
 from keepsake.objects.manifests import Blob
-from keepsake.objects.records import referenced_ids
+from keepsake.objects.records import CheckpointRecord, HeadRecord, referenced_ids
 from keepsake.objects.pack import PackEntry, PackId, pack_id_of_key, pack_key
 from keepsake.repository import Repository
 
@@ -37,11 +37,14 @@ class FsckReport:
     refs_checked: int = 0
     reachable: int = 0
     problems: list[Problem] = field(default_factory=list)
+    #: experiments, checkpoints and refs that reach damaged objects, one line each
+    affected: list[str] = field(default_factory=list)
 
     @property
     def damaged(self) -> bool:
-        """True when something reachable from a ref is missing or corrupt, or a ref is broken."""
-        return any(p.kind in ("missing", "corrupt", "broken-ref") for p in self.problems)
+        """True when something reachable from a ref is missing or corrupt, a ref is broken,
+        or an index file does not decode (readers and writers stop at it)."""
+        return any(p.kind in ("missing", "corrupt", "broken-ref", "corrupt-index") for p in self.problems)
 
     def of_kind(self, kind: str) -> list[Problem]:
         return [p for p in self.problems if p.kind == kind]
@@ -55,7 +58,10 @@ def fsck(repo: Repository, progress: Callable[[str], None] | None = None) -> Fsc
     """
     report = FsckReport()
     db = repo.objects
-    db.refresh()
+    bad_indexes: dict[str, str] = {}
+    db.refresh(full=True, damaged=bad_indexes)
+    for index_id, reason in sorted(bad_indexes.items()):
+        report.problems.append(Problem("corrupt-index", index_id, "index", reason))
     entries = db.entries()
     by_pack: dict[PackId, list[PackEntry]] = defaultdict(list)
     for e in entries.values():
@@ -145,7 +151,58 @@ def fsck(repo: Repository, progress: Callable[[str], None] | None = None) -> Fsc
             report.problems.append(Problem("unreachable", oid, e.type.label, damage.get(oid, "")))
     for pack_id in sorted(set(listed) - set(by_pack)):
         report.problems.append(Problem("unindexed-pack", pack_id, "pack", "no index names it (left by an interrupted write)"))
+    damaged_ids = {ObjectId(p.id) for p in report.problems if p.kind in ("missing", "corrupt")}
+    if damaged_ids:
+        report.affected = _affected(repo, contents, damaged_ids)
     return report
+
+
+def _affected(repo: Repository, contents: dict[ObjectId, bytes], damaged: set[ObjectId]) -> list[str]:
+    """Which experiments and checkpoints (and other refs) reach a damaged object."""
+
+    def reaches(root: ObjectId, root_type: ObjectType) -> bool:
+        stack, seen = [(root, root_type)], set()
+        while stack:
+            oid, otype = stack.pop()
+            if oid in damaged:
+                return True
+            if oid in seen or oid not in contents:
+                continue
+            seen.add(oid)
+            try:
+                stack.extend(referenced_ids(otype, contents[oid], oid))
+            except CorruptObject:
+                return True
+        return False
+
+    lines = []
+    for name, target in sorted(repo.refs.list().items()):
+        if target not in contents and target not in damaged:
+            continue
+        if target in damaged:
+            lines.append(f"ref {name}: its target {target} is damaged")
+            continue
+        try:
+            head = HeadRecord.decode(contents[target], target) if name.startswith("experiments/") else None
+        except CorruptObject:
+            head = None
+        if head is None:
+            if reaches(target, repo.objects.locate(target).type):
+                lines.append(f"ref {name} reaches damaged objects")
+            continue
+        if reaches(head.experiment, ObjectType.EXPERIMENT):
+            lines.append(f"experiment {head.experiment[:7]}: its record or code is damaged")
+        for cid in head.checkpoints:
+            if reaches(cid, ObjectType.CHECKPOINT):
+                step = ""
+                if cid in contents:
+                    try:
+                        record = CheckpointRecord.decode(contents[cid], cid)
+                        step = f" (step {record.step})" if record.step is not None else ""
+                    except CorruptObject:
+                        pass  # the record itself is what is damaged; the line says so below
+                lines.append(f"experiment {head.experiment[:7]}: checkpoint {cid[:7]}{step} cannot be restored")
+    return lines
 
 
 @dataclass

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import random
+import shutil
 import threading
 import time
 from pathlib import Path
@@ -297,3 +298,50 @@ def test_describe_says_what_was_freed(repo: Repository, tmp_path: Path) -> None:
     lines = list(gc_module.describe(collect_garbage(repo, grace=0)))
     assert any(line.startswith("freed ") and "KiB" in line for line in lines)
     assert os.environ.get("KEEPSAKE_CACHE_DIR")
+
+
+# -- fsck --repair ------------------------------------------------------------------------------
+
+
+def test_repair_reindexes_packs_of_an_undecodable_index_and_never_loses_data(repo: Repository, tmp_path: Path) -> None:
+    from keepsake.gc import repair
+
+    keep = store_dir(repo, tmp_path / "a", 1)
+    repo.refs.set("tags/keep", keep, None)
+    index = repo.storage.list("index/")[0].key
+    repo.storage.write(index, b"garbage, not an index")
+    shutil.rmtree(tmp_path / "cache", ignore_errors=True)  # remote backends cache index files
+    damaged = fsck(reopen(repo))
+    assert damaged.damaged and damaged.of_kind("corrupt-index")
+
+    report = repair(reopen(repo))
+
+    assert report.packs_reindexed >= 1 and report.corrupt_indexes_removed == 1
+    fresh = reopen(repo)
+    assert not fsck(fresh).damaged
+    checkout_tree(fresh.objects, keep, str(tmp_path / "out"))
+    assert (tmp_path / "out" / "weights.bin").read_bytes() == (tmp_path / "a" / "weights.bin").read_bytes()
+
+
+def test_repair_drops_entries_of_vanished_packs_so_writers_store_them_again(repo: Repository, tmp_path: Path) -> None:
+    from keepsake.gc import repair
+
+    store_dir(repo, tmp_path / "a", 1)
+    for info in repo.storage.list("packs/"):
+        repo.storage.delete(info.key)
+    assert repair(reopen(repo)).index_files_rewritten >= 1
+    fresh = reopen(repo)
+    with fresh.objects.writer() as w:
+        write_tree(w, fresh.chunker, str(tmp_path / "a"))
+    assert w.stats.objects_skipped == 0  # nothing is trusted to a pack that is gone
+    assert {p.kind for p in fsck(reopen(repo)).problems} == {"unreachable"}
+
+
+def test_repair_removes_undecodable_doomed_lists_and_markers(repo: Repository) -> None:
+    from keepsake.gc import repair
+
+    repo.storage.write(DOOMED + "broken", b"\xc1")
+    repo.storage.write(SESSIONS + "broken", b"\xc1")
+    report = repair(repo)
+    assert report.doomed_lists_removed == 1 and report.markers_removed == 1
+    assert repo.storage.list(DOOMED) == [] and repo.storage.list(SESSIONS) == []

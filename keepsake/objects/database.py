@@ -83,13 +83,17 @@ class ObjectDB:
 
     # -- index ------------------------------------------------------------------------------
 
-    def refresh(self, full: bool = False) -> None:
+    def refresh(self, full: bool = False, damaged: dict[str, str] | None = None) -> None:
         """Load every index file not loaded yet (from the local cache when it has them).
 
         When an index file loaded earlier is gone (gc or a merge replaced it), or with
         ``full``, everything is rebuilt from the files listed now: entries of packs that gc
         deleted must not linger, or a writer would skip storing an object that no longer
         exists (FORMAT.md §11).
+
+        An index file that does not decode raises CorruptObject, unless ``damaged`` is
+        given (fsck, repair): then its name and the reason are recorded there and it is
+        skipped.
         """
         infos = self.storage.list("index/")
         listed = {info.key.rsplit("/", 1)[-1]: info for info in infos}
@@ -106,14 +110,22 @@ class ObjectDB:
             if index_id in self._indexes:
                 continue
             data = self._cache.get(info.key) if self._cache else None
+            fetched = data is None
             if data is None:
                 try:
                     data = self.storage.read(info.key)
                 except KeyNotFound:
                     continue  # removed by a concurrent repack; its replacement is listed too
-                if self._cache:
-                    self._cache.put(info.key, data)
-            self._add_index(index_id, decode_index(data, index_id))
+            try:
+                packs = decode_index(data, index_id)
+            except CorruptObject as exc:
+                if damaged is None:
+                    raise
+                damaged[index_id] = exc.reason
+                continue
+            if fetched and self._cache:
+                self._cache.put(info.key, data)  # only what decoded: a repaired file is read again
+            self._add_index(index_id, packs)
         self._loaded = True
 
     def _add_index(self, index_id: str, packs: dict[PackId, list[PackEntry]]) -> None:
