@@ -883,7 +883,7 @@ def rm_command(session: Session, force: bool, idents: tuple[str, ...]) -> None:
                 except (RefNotFound, RefConflict):
                     continue  # removed or moved meanwhile by someone else: theirs stands
                 info(f"Removed tag {name}")
-    info("Their data stays in the repository until garbage collection reclaims it (gc is not in this version yet).")
+    info("Their data stays in the repository until \"keepsake gc\" reclaims it.")
 
 
 @click.command("tag")

@@ -5,7 +5,9 @@ from __future__ import annotations
 import os
 import secrets
 import time
+from collections.abc import Collection, Mapping
 from dataclasses import replace
+from datetime import datetime, timedelta, timezone
 from typing import Any
 
 from keepsake.version import __version__
@@ -31,6 +33,7 @@ from keepsake.tracking import metadata
 from keepsake.tracking.experiment import Checkpoint, Experiment, experiment_ref, utc_now
 from keepsake.tracking.listing import ExperimentList, parse_filter
 from keepsake.tracking.summary import CheckpointSummary, Summary, SummaryCache, build_summary, summary_key
+from keepsake.tracking.retention import RetentionPolicy, RetentionReport, plan_retention
 
 #: never part of a code snapshot, wherever they appear
 SKIP_IN_CODE = frozenset(
@@ -315,6 +318,105 @@ class Project:
     @property
     def experiments(self) -> ExperimentCollection:
         return ExperimentCollection(self)
+
+    # -- retention ---------------------------------------------------------------------------
+
+    def remove_checkpoints(
+        self, removals: Mapping[ObjectId, Collection[ObjectId]]
+    ) -> tuple[dict[ObjectId, set[ObjectId]], dict[ObjectId, str]]:
+        """Remove many checkpoints from their experiments' heads: one new head per experiment.
+
+        The same compare-and-swap on ``experiments/<id>`` as :meth:`remove_checkpoint`, but
+        the new heads of all experiments go into one pack and one index (one operation), not
+        one pack per checkpoint, and each summary is derived from the previous one instead of
+        re-reading every checkpoint. An experiment whose head moved meanwhile is re-read and
+        retried: only the checkpoints asked for are removed, whatever it gained meanwhile.
+
+        Args:
+            removals: experiment id -> ids of checkpoints to remove from its head.
+
+        Returns:
+            (removed, failed): experiment id -> the checkpoint ids this call removed (ids
+            already gone are left out); and experiment id -> why nothing was removed (it was
+            deleted meanwhile, or its head kept changing).
+        """
+        repo = self.repo
+        cache = SummaryCache(repo)
+        removed: dict[ObjectId, set[ObjectId]] = {}
+        failed: dict[ObjectId, str] = {}
+        pending = {eid: set(ids) for eid, ids in removals.items() if ids}
+        for _ in range(10):
+            if not pending:
+                break
+            plans: list[tuple[ObjectId, ObjectId, HeadRecord, set[ObjectId]]] = []
+            for eid, ids in pending.items():
+                try:
+                    head_id = repo.refs.get(experiment_ref(eid))
+                except RefNotFound:
+                    failed[eid] = "it was deleted meanwhile"
+                    continue
+                head = HeadRecord.decode(repo.objects.get(head_id, ObjectType.HEAD), head_id)
+                gone = ids & set(head.checkpoints)
+                if not gone:
+                    removed[eid] = set()
+                    continue
+                new = HeadRecord(eid, tuple(c for c in head.checkpoints if c not in gone), head.status, utc_now())
+                plans.append((eid, head_id, new, gone))
+            retry: dict[ObjectId, set[ObjectId]] = {}
+            if plans:
+                # objects, then index, then each ref, inside one operation (FORMAT.md §8, §11)
+                with repo.objects.operation(), repo.objects.writer() as writer:
+                    new_ids = [writer.put(ObjectType.HEAD, new.encode()) for _, _, new, _ in plans]
+                    writer.flush()
+                    for (eid, head_id, _, gone), new_id in zip(plans, new_ids):
+                        old = cache.load(eid, head_id)
+                        try:
+                            repo.refs.set(experiment_ref(eid), new_id, head_id)
+                        except RefConflict:
+                            retry[eid] = pending[eid]  # it moved on meanwhile: re-read and retry
+                            continue
+                        removed[eid] = gone
+                        summary = replace(old, head=new_id, checkpoints=tuple(c for c in old.checkpoints if c.id not in gone))
+                        repo.storage.write(summary_key(eid), summary.encode(), durable=False)
+            pending = retry
+        for eid in pending:
+            failed[eid] = "its head changed 10 times while checkpoints were being removed; run it again"
+        return removed, failed
+
+    def apply_retention(
+        self,
+        keep_best: int | None = None,
+        keep_last: int | None = None,
+        older_than: timedelta | None = None,
+        dry_run: bool = False,
+        include_running: bool = False,
+    ) -> RetentionReport:
+        """Thin every experiment to the checkpoints worth keeping (``keepsake gc --keep-*``).
+
+        Per experiment, keeps the best ``keep_best`` checkpoints by its primary metric, the
+        last ``keep_last`` by step, every tagged checkpoint (a tag on the experiment keeps
+        all of them) and, with ``older_than``, every checkpoint younger than that; removes
+        the rest from the experiment's head. Running experiments are skipped unless
+        ``include_running``. The data stays until gc sweeps it.
+
+        Raises:
+            InvalidArgument: neither keep_best nor keep_last is at least 1 (that would remove
+                every checkpoint), a negative count, or a non-positive ``older_than``.
+        """
+        policy = RetentionPolicy(keep_best, keep_last, older_than, include_running)
+        report = plan_retention(self.list(), self.tags(), policy, datetime.now(timezone.utc))
+        if dry_run:
+            return report
+        report.dry_run = False
+        removed, failed = self.remove_checkpoints(report.removals())
+        for plan in report.experiments:
+            if plan.experiment in failed:
+                plan.skipped = failed[plan.experiment]
+                plan.removed = []
+            elif plan.removed:
+                done = removed.get(plan.experiment, set())
+                plan.removed = [c for c in plan.removed if c.id in done]
+        return report
 
 
 class ExperimentCollection:

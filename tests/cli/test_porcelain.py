@@ -557,7 +557,7 @@ def test_rm_experiment_and_checkpoint(recorded: Recorded) -> None:
         "Removed tag old",
         f"Removed experiment {r.c[:7]} (0 checkpoints)",
         "Removed tag gone",
-        "Their data stays in the repository until garbage collection reclaims it (gc is not in this version yet).",
+        "Their data stays in the repository until \"keepsake gc\" reclaims it.",
     ]
     assert ids(ok("ls", "-q")) == [r.a, r.b]
     assert [c["id"] for c in strict_json(ok("show", "--json", r.a).stdout)["checkpoints"]] == [r.a1]
