@@ -361,12 +361,13 @@ def collect_garbage(
     report = GcReport(dry_run=dry_run, grace=grace)
     if dry_run:
         return _plan(run, report, planned_refs)
+    run.say("marking reachable objects")
+    run.mark()  # before the lock, which is a write: a damaged repository is left exactly as it is
     lock = GcLock(run.storage)
     lock.acquire()
     try:
         report.bytes_before = run.stored_bytes()
-        run.say("marking reachable objects")
-        reach = run.mark()  # first: a damaged repository is left exactly as it is
+        reach = run.mark()  # under the lock: what the run decides from
         run.say("tidying up after earlier runs")
         run.tidy(lock)
         packs = run.packs()

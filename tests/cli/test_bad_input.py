@@ -24,20 +24,25 @@ import os
 import random
 import shutil
 import stat
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import msgpack
 import pytest
 from click.testing import CliRunner, Result
 
 from keepsake.cli.main import cli
+from keepsake.cli.usage import parse_duration
+from keepsake.gc import collect_garbage
 from keepsake.errors import (
     AmbiguousObjectId,
     CheckoutConflict,
     ConfigError,
     CorruptObject,
+    InvalidArgument,
     InvalidObjectId,
     InvalidRefName,
     KeepsakeError,
@@ -45,6 +50,8 @@ from keepsake.errors import (
     PathNotFound,
     RefConflict,
     RefNotFound,
+    RepositoryBusy,
+    RepositoryDamaged,
     RepositoryExists,
     RepositoryNotFound,
     UnknownScheme,
@@ -265,6 +272,13 @@ def A(name: str, error: type[KeepsakeError], fn: Callable[[Env], object], *fragm
     return Case(name, error.exit_code, fragments, api=fn, error=error, **kw)
 
 
+def _gc_lock(env: Env) -> None:
+    doc = {"version": 1, "host": "box", "pid": 7, "started": time.time(), "updated": time.time()}
+    (env.repo / "gc").mkdir(exist_ok=True)
+    (env.repo / "gc" / "lock").write_bytes(msgpack.packb(doc))
+
+
+GC_LOCK = _gc_lock
 YAML_BAD = write_file("keepsake.yaml", b"repository: [unclosed\n")
 YAML_UNKNOWN = write_file("keepsake.yaml", b"repository: repo\nrepsitory: typo\n")
 
@@ -363,6 +377,23 @@ CASES: list[Case] = [
     C("unknown-command", 2, (*R, "frobnicate"), "No such command 'frobnicate'", keepsake=False),
     C("hash-object-no-input", 2, (*R, "hash-object", "-w"), "give at least one PATH", keepsake=False),
     C("missing-argument", 2, (*R, "update-ref", "tags/x"), "Missing argument 'NEWID'", keepsake=False),
+    # -- maintenance: gc, du, fsck --repair (issue 5)
+    C("gc-no-repo", 3, ("-R", "{ws}/nothing", "gc"), "no keepsake repository at {ws}/nothing"),
+    C("gc-newer-format", 3, (*R, "gc", "--grace", "0"), "format version 99", prepare=set_config(format=99)),
+    C("gc-bad-grace", 2, (*R, "gc", "--grace", "soon"), "--grace 'soon' is not a duration"),
+    C("gc-negative-grace", 2, (*R, "gc", "--grace", "-1h"), "--grace '-1h' is not a duration"),
+    C("gc-bad-older-than", 2, (*R, "gc", "--keep-last", "1", "--older-than", "1.5d"), "--older-than '1.5d' is not a duration"),
+    C("gc-older-than-alone", 2, (*R, "gc", "--older-than", "7d"), "--keep-best", "--keep-last"),
+    C("gc-keep-zero", 2, (*R, "gc", "--keep-last", "0"), "--keep-best", "--keep-last"),
+    C("gc-negative-keep", 2, (*R, "gc", "--keep-best", "-1"), "-1 is not in the range", keepsake=False),
+    C("gc-negative-wait", 2, (*R, "gc", "--wait", "-5"), "is not in the range", keepsake=False),
+    C("gc-lock-held", 10, (*R, "gc", "--grace", "0"), "another gc is running", "pid 7 on box", prepare=GC_LOCK),
+    C("gc-damaged", 11, (*R, "gc", "--grace", "0"), "gc deleted nothing", "keepsake fsck", prepare=delete_pack),
+    C("gc-dry-run-damaged", 11, (*R, "gc", "--dry-run"), "missing or corrupt", prepare=delete_pack),
+    C("du-no-repo", 3, ("-R", "{ws}/nothing", "du"), "no keepsake repository"),
+    C("du-bad-limit", 2, (*R, "du", "-n", "0"), "is not in the range", keepsake=False),
+    C("fsck-repair-no-repo", 3, ("-R", "{ws}/nothing", "fsck", "--repair"), "no keepsake repository"),
+    C("fsck-repair-lock-held", 10, (*R, "fsck", "--repair"), "another gc is running", prepare=GC_LOCK),
     # -- the same rules through the Python API
     A("api-open-missing", RepositoryNotFound, api_open("{ws}/nothing"), "keepsake init"),
     A("api-open-newer-format", UnsupportedFormat, api_open("{repo}"), "version 99", "version 1", prepare=set_config(format=99)),
@@ -383,6 +414,12 @@ CASES: list[Case] = [
       with_repo(lambda r, e: checkout_tree(r.objects, ObjectId(e.ids["tree"]), str(e.ws / "nonempty"))), "not empty"),
     A("api-bit-flip", CorruptObject, with_repo(api_read_blob), "{chunk}", prepare=flip_bit),
     A("api-missing-pack", CorruptObject, with_repo(api_read_blob), "missing", prepare=delete_pack),
+    A("api-gc-lock-held", RepositoryBusy, with_repo(lambda r, e: collect_garbage(r, grace=0)), "another gc", prepare=GC_LOCK),
+    A("api-gc-damaged", RepositoryDamaged, with_repo(lambda r, e: collect_garbage(r, grace=0)), "missing or corrupt",
+      prepare=delete_pack),
+    A("api-gc-dry-run-damaged", RepositoryDamaged, with_repo(lambda r, e: collect_garbage(r, grace=0, dry_run=True)),
+      "keepsake fsck", prepare=delete_pack),
+    A("api-bad-duration", InvalidArgument, lambda env: parse_duration("3y"), "is not a duration"),
     A("api-hostile-checkout", CorruptObject,
       with_repo(lambda r, e: checkout_tree(r.objects, ObjectId(e.ids["hostile"]), str(e.ws / "out"))), "{hostile}",
       prepare=hostile_tree("../sentinel/pwned")),
@@ -392,7 +429,7 @@ CASES: list[Case] = [
 def test_the_table_covers_every_error_family() -> None:
     assert len(CASES) >= 30
     assert len({c.name for c in CASES}) == len(CASES)
-    assert {c.code for c in CASES} == {1, 2, 3, 4, 5, 6, 7, 9}
+    assert {c.code for c in CASES} == {1, 2, 3, 4, 5, 6, 7, 9, 10, 11}
 
 
 def _check_cli(case: Case, env: Env) -> None:
