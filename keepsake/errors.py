@@ -273,7 +273,7 @@ class DivergedRefs(KeepsakeError):
     Raised after everything else was transferred; ``refs`` holds (name, reason) pairs.
     """
 
-    exit_code = 10
+    exit_code = 12  # 10 and 11 are gc's (RepositoryBusy, RepositoryDamaged)
 
     def __init__(self, destination: str, refs: Sequence[tuple[str, str]]) -> None:
         self.destination = destination

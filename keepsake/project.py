@@ -13,7 +13,7 @@ from keepsake.errors import ConfigError
 CONFIG_FILE = "keepsake.yaml"
 DEFAULT_REPOSITORY = ".keepsake"
 ENV_REPOSITORY = "KEEPSAKE_REPOSITORY"
-KNOWN_KEYS = frozenset({"repository", "storage_options"})
+KNOWN_KEYS = frozenset({"repository", "storage_options", "remote", "remote_storage_options"})
 
 
 @dataclass(frozen=True)
@@ -24,6 +24,9 @@ class ProjectSettings:
     repository: str
     storage_options: dict[str, Any] = field(default_factory=dict)
     config_path: str | None = None
+    #: where ``keepsake push`` and ``pull`` go by default (``remote:`` in keepsake.yaml)
+    remote: str | None = None
+    remote_storage_options: dict[str, Any] = field(default_factory=dict)
 
 
 def find_config(start: str) -> str | None:
@@ -62,7 +65,26 @@ def load_config(path: str) -> dict[str, Any]:
         raise ConfigError(path, "'repository' must be a string URL or path")
     if "storage_options" in doc and not isinstance(doc["storage_options"], dict):
         raise ConfigError(path, "'storage_options' must be a mapping")
+    if "remote" in doc and not isinstance(doc["remote"], str):
+        raise ConfigError(path, "'remote' must be a string URL or path")
+    if "remote_storage_options" in doc and not isinstance(doc["remote_storage_options"], dict):
+        raise ConfigError(path, "'remote_storage_options' must be a mapping")
     return doc
+
+
+def write_config(directory: str, doc: dict[str, Any]) -> str:
+    """Write ``doc`` as ``directory/keepsake.yaml`` (used by ``keepsake clone``); returns
+    its path. The keys are checked as :func:`load_config` would read them back."""
+    path = os.path.join(directory, CONFIG_FILE)
+    unknown = sorted(set(doc) - KNOWN_KEYS)
+    if unknown:
+        raise ConfigError(path, f"unknown keys {', '.join(unknown)}")
+    try:
+        with open(path, "w", encoding="utf-8") as f:
+            yaml.safe_dump(doc, f, default_flow_style=False, sort_keys=True)
+    except OSError as exc:
+        raise ConfigError(path, exc.strerror or str(exc)) from exc
+    return path
 
 
 def _yaml_problem(exc: yaml.YAMLError) -> str:
@@ -90,11 +112,15 @@ def find_project(repository: str | None = None, cwd: str | None = None) -> Proje
     doc = load_config(config_path) if config_path else {}
     directory = os.path.dirname(config_path) if config_path else cwd
     options = dict(doc.get("storage_options") or {})
+    # a relative remote is a path relative to keepsake.yaml, like ``repository``
+    remote = _absolute(doc["remote"], directory) if "remote" in doc else None
+    remote_options = dict(doc.get("remote_storage_options") or {})
     if repository:
-        return ProjectSettings(directory, _absolute(repository, cwd), options, config_path)
-    env = os.environ.get(ENV_REPOSITORY)
-    if env:
-        return ProjectSettings(directory, _absolute(env, cwd), options, config_path)
-    if "repository" in doc:
-        return ProjectSettings(directory, _absolute(doc["repository"], directory), options, config_path)
-    return ProjectSettings(directory, os.path.join(directory, DEFAULT_REPOSITORY), options, config_path)
+        url = _absolute(repository, cwd)
+    elif os.environ.get(ENV_REPOSITORY):
+        url = _absolute(os.environ[ENV_REPOSITORY], cwd)
+    elif "repository" in doc:
+        url = _absolute(doc["repository"], directory)
+    else:
+        url = os.path.join(directory, DEFAULT_REPOSITORY)
+    return ProjectSettings(directory, url, options, config_path, remote, remote_options)

@@ -105,7 +105,7 @@ def test_find_config(tree: Path) -> None:
     [
         (b"repository: [unclosed\n", "it is not valid YAML (expected ',' or ']'"),
         (b"a: b: c\n", "it is not valid YAML (mapping values are not allowed here at line 1, column 5)"),
-        (b"repository: x\nrepsitory: y\nextra: 1\n", "unknown keys extra, repsitory (known: repository, storage_options)"),
+        (b"repository: x\nrepsitory: y\nextra: 1\n", "unknown keys extra, repsitory (known: remote, remote_storage_options, repository, storage_options)"),
         (b"1: x\n", "unknown keys 1"),
         (b"- a\n- b\n", "it must be a mapping"),
         (b"just text\n", "it must be a mapping"),

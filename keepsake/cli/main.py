@@ -11,7 +11,7 @@ from typing import Any
 import click
 
 from keepsake.version import __version__
-from keepsake.cli import maintenance, plumbing, porcelain, tracking, usage
+from keepsake.cli import maintenance, plumbing, porcelain, sync, tracking, usage
 from keepsake.cli.session import Session
 from keepsake.errors import KeepsakeError
 
@@ -53,7 +53,7 @@ def cli(ctx: click.Context, repository: str | None) -> None:
     ctx.call_on_close(session.close)
 
 
-for command in [*plumbing.COMMANDS, *porcelain.COMMANDS, *tracking.COMMANDS, *usage.COMMANDS, *maintenance.COMMANDS]:
+for command in [*plumbing.COMMANDS, *porcelain.COMMANDS, *tracking.COMMANDS, *usage.COMMANDS, *sync.COMMANDS, *maintenance.COMMANDS]:
     cli.add_command(command)
 
 

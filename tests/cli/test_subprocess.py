@@ -133,5 +133,5 @@ def test_keepsake_yaml_is_found_from_a_subdirectory(project: Path, environ: dict
     (project / "keepsake.yaml").write_text("repository: store\nbogus: 1\n")
     bad = keepsake("count-objects", env=environ, cwd=below, code=3)
     assert bad.stderr.decode() == (
-        f"error: cannot use {project / 'keepsake.yaml'}: unknown keys bogus (known: repository, storage_options)\n"
+        f"error: cannot use {project / 'keepsake.yaml'}: unknown keys bogus (known: remote, remote_storage_options, repository, storage_options)\n"
     )
