@@ -106,13 +106,28 @@ class RefStore:
 
     def list(self, pattern: str | None = None) -> dict[str, ObjectId]:
         """Every ref (optionally matching a glob or a prefix) and the id it points at."""
-        out: dict[str, ObjectId] = {}
+        keys: list[str] = []
         for info in self.storage.list(PREFIX + "/"):
             name = info.key[len(PREFIX) + 1 :]
             if pattern and not (fnmatch.fnmatchcase(name, pattern) or name.startswith(pattern.rstrip("/") + "/") or name == pattern):
                 continue
+            keys.append(info.key)
+        out: dict[str, ObjectId] = {}
+        # many refs at once (concurrent on object stores); one that vanished since the
+        # listing was deleted meanwhile: read the rest one by one
+        for start in range(0, len(keys), 256):
+            batch = keys[start : start + 256]
             try:
-                out[name] = _parse(name, self.storage.read(info.key))
+                values: list[bytes | None] = list(self.storage.read_many(batch))
             except KeyNotFound:
-                continue  # deleted while we listed
+                values = []
+                for key in batch:
+                    try:
+                        values.append(self.storage.read(key))
+                    except KeyNotFound:
+                        values.append(None)
+            for key, data in zip(batch, values):
+                if data is not None:
+                    name = key[len(PREFIX) + 1 :]
+                    out[name] = _parse(name, data)
         return out
