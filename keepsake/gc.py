@@ -191,6 +191,8 @@ class _Run:
         return out
 
     def live(self, marker: Marker, mtime: float | None) -> bool:
+        if marker.writer_is_gone():
+            return False  # killed on this machine: no need to wait for its marker to age
         return time.time() - marker.last_sign_of_life(mtime) < MARKER_TIMEOUT
 
     def mark(self, replaced: dict[str, list[Root]] | None = None) -> Reachable:
@@ -332,9 +334,9 @@ class _Run:
             report.unindexed_packs_deleted += 1
 
     def stale_markers(self) -> None:
-        """Markers of writers dead for long are noise; remove them."""
+        """Markers of writers dead for long, or known dead, are noise; remove them."""
         for marker, mtime in self.markers():
-            if time.time() - marker.last_sign_of_life(mtime) > 4 * MARKER_TIMEOUT:
+            if marker.writer_is_gone() or time.time() - marker.last_sign_of_life(mtime) > 4 * MARKER_TIMEOUT:
                 self.storage.delete(marker.key)
 
 

@@ -345,3 +345,26 @@ def test_repair_removes_undecodable_doomed_lists_and_markers(repo: Repository) -
     report = repair(repo)
     assert report.doomed_lists_removed == 1 and report.markers_removed == 1
     assert repo.storage.list(DOOMED) == [] and repo.storage.list(SESSIONS) == []
+
+
+def test_a_marker_of_a_killed_local_writer_does_not_hold_gc_back(repo: Repository, tmp_path: Path) -> None:
+    import subprocess
+    import sys
+
+    from keepsake.objects.sessions import process_namespace
+
+    store_dir(repo, tmp_path / "b", 2)
+    # a writer process that died without removing its marker (SIGKILL): its pid is gone
+    child = subprocess.Popen([sys.executable, "-c", "pass"])
+    child.wait()
+    doc = {"version": 1, "host": "here", "pid": child.pid, "ns": process_namespace(), "started": time.time(),
+           "updated": time.time(), "seen": []}
+    repo.storage.write(SESSIONS + "dead", msgpack.packb(doc))
+    report = collect_garbage(repo, grace=0, wait=0)
+    assert report.dead_objects > 0 and not report.deferred_objects
+    assert repo.storage.list(SESSIONS) == []  # and the marker is cleaned up
+    # the same marker from another machine (or PID namespace) is judged by its age only
+    repo.storage.write(SESSIONS + "elsewhere", msgpack.packb({**doc, "ns": "other-boot:1"}))
+    store_dir(repo, tmp_path / "c", 3)
+    report = collect_garbage(repo, grace=0, wait=0)
+    assert report.deferred_objects > 0

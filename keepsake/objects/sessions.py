@@ -36,6 +36,28 @@ REFRESH_EVERY = 60.0
 MARKER_TIMEOUT = 5 * REFRESH_EVERY
 
 
+def process_namespace() -> str:
+    """Names this machine's boot and PID namespace: two markers with the same value were
+    written by processes that can see each other's pids (empty when unknown)."""
+    try:
+        with open("/proc/sys/kernel/random/boot_id") as f:
+            boot = f.read().strip()
+        return f"{boot}:{os.stat('/proc/self/ns/pid').st_ino}"
+    except OSError:
+        return ""
+
+
+def pid_alive(pid: int) -> bool:
+    """Whether a process with this pid exists in our PID namespace."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # exists, owned by someone else
+    return True
+
+
 def encode_doomed(ids: list[ObjectId]) -> bytes:
     packed: bytes = msgpack.packb({"version": 1, "ids": b"".join(bytes.fromhex(i) for i in sorted(ids))})
     return packed
@@ -111,6 +133,7 @@ class Operation:
             "version": 1,
             "host": socket.gethostname(),
             "pid": os.getpid(),
+            "ns": process_namespace(),
             "started": self.started,
             "updated": time.time(),
             "seen": sorted(self.seen),
@@ -157,6 +180,12 @@ class Marker:
     pid: int
     started: float
     updated: float
+    ns: str = ""
+
+    def writer_is_gone(self) -> bool:
+        """True when the writer ran on this machine, in our PID namespace, and its process
+        no longer exists: it died without removing its marker (e.g. SIGKILL)."""
+        return bool(self.ns) and self.ns == process_namespace() and self.pid > 0 and not pid_alive(self.pid)
 
     def last_sign_of_life(self, mtime: float | None) -> float:
         """The later of the writer's own clock and the storage's modification time."""
@@ -170,7 +199,15 @@ def read_marker(data: bytes, key: str) -> Marker:
         if not isinstance(seen, list):
             raise TypeError("seen is not a list")
         started, updated = float(doc["started"]), float(doc["updated"])
-        return Marker(key, frozenset(str(s) for s in seen), str(doc.get("host", "?")), int(doc.get("pid", 0)), started, updated)
+        return Marker(
+            key,
+            frozenset(str(s) for s in seen),
+            str(doc.get("host", "?")),
+            int(doc.get("pid", 0)),
+            started,
+            updated,
+            str(doc.get("ns", "")),
+        )
     except (ValueError, KeyError, TypeError, msgpack.ExtraData, msgpack.FormatError, msgpack.StackError) as exc:
         raise CorruptObject(key, f"session marker is malformed: {exc}") from exc
 
