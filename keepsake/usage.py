@@ -211,7 +211,7 @@ def read_graph(
             progress(f"reading {len(to_read)} objects (level {level})")
         following: list[ObjectId] = []
         for batch in _batches(to_read):
-            for entry, envelope in zip(batch, db.read_envelopes(batch)):
+            for entry, envelope in zip(batch, db.read_metadata(batch)):
                 for child in _decode(graph, entry, envelope):
                     if child not in queued:
                         queued.add(child)

@@ -213,6 +213,29 @@ class ObjectDB:
                 out[i] = view[e.offset - start : e.end - start]  # type: ignore[call-overload]
         return out
 
+    def read_metadata(self, entries: list[PackEntry]) -> list[bytes]:
+        """The stored envelopes of non-chunk objects (records, trees, manifests), from the
+        local cache where it has them (remote repositories: objects are immutable, so a
+        cached copy is good forever), the rest with :meth:`read_envelopes`, then cached.
+        Walks over the whole graph (gc, du, push) read only what changed since last time.
+        """
+        if self._cache is None:
+            return self.read_envelopes(entries)
+        out: list[bytes | None] = []
+        missing: list[int] = []
+        for i, e in enumerate(entries):
+            cached = self._cache.get(f"objects/{e.id}") if e.type != ObjectType.CHUNK else None
+            out.append(cached)
+            if cached is None:
+                missing.append(i)
+        if missing:
+            fetched = self.read_envelopes([entries[i] for i in missing])
+            for i, envelope in zip(missing, fetched):
+                out[i] = envelope
+                if entries[i].type != ObjectType.CHUNK:
+                    self._cache.put(f"objects/{entries[i].id}", bytes(envelope))
+        return [bytes(o) if o is not None else b"" for o in out]
+
     def get(self, object_id: ObjectId, expected: ObjectType | None = None) -> bytes:
         """Return the verified content of ``object_id``.
 

@@ -69,7 +69,7 @@ def walk(db: ObjectDB, roots: Iterable[Root], entries: dict[ObjectId, PackEntry]
             batch = to_read[start : start + BATCH]
             envelopes: list[bytes | None]
             try:
-                envelopes = list(db.read_envelopes([e for e, _ in batch]))
+                envelopes = list(db.read_metadata([e for e, _ in batch]))
             except CorruptObject:
                 envelopes = [_read_or_none(db, e) for e, _ in batch]
             for (entry, referrer), envelope in zip(batch, envelopes):
@@ -89,6 +89,6 @@ def walk(db: ObjectDB, roots: Iterable[Root], entries: dict[ObjectId, PackEntry]
 
 def _read_or_none(db: ObjectDB, entry: PackEntry) -> bytes | None:
     try:
-        return db.read_envelopes([entry])[0]
+        return db.read_metadata([entry])[0]
     except CorruptObject:
         return None
