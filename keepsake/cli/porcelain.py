@@ -7,6 +7,7 @@ stderr.
 
 from __future__ import annotations
 
+import gc
 import os
 import shlex
 import shutil
@@ -293,7 +294,17 @@ def ls_command(
       keepsake ls -f "optimizer = adam" -f "accuracy > 0.8" --sort accuracy-desc
       keepsake rm $(keepsake ls -q -f "status = failed")
     """
-    _list_command(session, filters, sort, all_columns, as_json, quiet, running_only=False)
+    # Listing 1,000 x 20 allocates ~15 objects per checkpoint and frees none of them before
+    # the table is printed: the cyclic collector would only rescan them again and again
+    # (measured: 0.07 s of the command's 0.45 s CPU). Restored after: CliRunner tests and
+    # embedders go on in the same process.
+    collecting = gc.isenabled()
+    gc.disable()
+    try:
+        _list_command(session, filters, sort, all_columns, as_json, quiet, running_only=False)
+    finally:
+        if collecting:
+            gc.enable()
 
 
 @click.command("ps")

@@ -32,7 +32,15 @@ from keepsake.repository import Repository
 from keepsake.tracking import metadata
 from keepsake.tracking.experiment import Checkpoint, Experiment, experiment_ref, utc_now
 from keepsake.tracking.listing import ExperimentList, parse_filter
-from keepsake.tracking.summary import CheckpointSummary, Summary, SummaryCache, build_summary, summary_key
+from keepsake.tracking.summary import (
+    CheckpointSummary,
+    ListingStats,
+    Summary,
+    SummaryCache,
+    build_summary,
+    load_summaries,
+    summary_key,
+)
 from keepsake.tracking.retention import RetentionPolicy, RetentionReport, plan_retention
 
 #: never part of a code snapshot, wherever they appear
@@ -62,6 +70,8 @@ class Project:
         self.repository = settings.repository
         self.storage_options = {**settings.storage_options, **(storage_options or {})}
         self._repo: Repository | None = None
+        #: what the last listing (list, resolve) read and wrote: for tests and benchmarks
+        self.last_listing: ListingStats | None = None
 
     @property
     def repo(self) -> Repository:
@@ -198,10 +208,15 @@ class Project:
         refs = self.repo.refs.list(EXPERIMENTS)
         return {ObjectId(name[len(EXPERIMENTS) :]): head for name, head in refs.items()}
 
+    def summaries(self) -> dict[ObjectId, Summary]:
+        """Every experiment's summary, through the summary index (FORMAT.md §17): on an object
+        store a few LISTs and the cached packed index, not one read per experiment."""
+        summaries, self.last_listing = load_summaries(self.repo)
+        return summaries
+
     def list(self, filter: str | list[str] | None = None, sort: str | None = None) -> ExperimentList:
         """Every experiment (optionally filtered, e.g. ``"val_loss < 0.2"``), oldest first."""
-        cache = SummaryCache(self.repo)
-        experiments = [Experiment(self, cache.load(eid, head)) for eid, head in self.experiment_heads().items()]
+        experiments = [Experiment(self, summary) for summary in self.summaries().values()]
         result = ExperimentList(sorted(experiments, key=lambda e: e._summary.created))
         if filter:
             for f in [filter] if isinstance(filter, str) else filter:
@@ -237,11 +252,8 @@ class Project:
             return self._by_full_id(target)
         if not is_id_prefix(id_or_prefix):
             raise ObjectNotFound(id_or_prefix, what="experiment or checkpoint")
-        heads = self.experiment_heads()
-        cache = SummaryCache(self.repo)
         matches: list[Experiment | Checkpoint] = []
-        for eid, head in heads.items():
-            summary = cache.load(eid, head)  # read once: it answers for the experiment and its checkpoints
+        for eid, summary in self.summaries().items():
             if eid.startswith(id_or_prefix):
                 matches.append(Experiment(self, summary))
             for c in summary.checkpoints:
@@ -254,9 +266,11 @@ class Project:
         return matches[0]
 
     def _by_full_id(self, object_id: ObjectId) -> Experiment | Checkpoint:
-        heads = self.experiment_heads()
-        if object_id in heads:
-            return Experiment(self, SummaryCache(self.repo).load(object_id, heads[object_id]))
+        # one ref read, not a listing of every experiment: a tag names one object
+        try:
+            return Experiment(self, self.load_summary(object_id))
+        except ObjectNotFound:
+            pass  # no experiment ref by that id: maybe a checkpoint
         try:
             data = self.repo.objects.get(object_id, ObjectType.CHECKPOINT)
         except WrongObjectType:
@@ -265,9 +279,10 @@ class Project:
             # no experiment or checkpoint there is.
             raise ObjectNotFound(object_id, what="experiment or checkpoint") from None
         record = CheckpointRecord.decode(data, object_id)
-        if record.experiment not in heads:
-            raise ObjectNotFound(object_id, what="experiment of checkpoint")
-        experiment = Experiment(self, SummaryCache(self.repo).load(record.experiment, heads[record.experiment]))
+        try:
+            experiment = Experiment(self, self.load_summary(record.experiment))
+        except ObjectNotFound:
+            raise ObjectNotFound(object_id, what="experiment of checkpoint") from None
         for c in experiment.checkpoints:
             if c.id == object_id:
                 return c
@@ -313,7 +328,16 @@ class Project:
         self.repo.refs.set(TAGS + name, target.id, check=False)
 
     def tags(self) -> dict[str, ObjectId]:
-        return {name[len(TAGS) :]: oid for name, oid in self.repo.refs.list(TAGS).items()}
+        # Lists refs/tags/ only: RefStore.list lists every ref (1,000 experiment refs: one
+        # more LIST page on S3, a quarter second on moto) before filtering by pattern.
+        out: dict[str, ObjectId] = {}
+        for info in self.repo.storage.list(f"refs/{TAGS}"):
+            name = info.key[len("refs/") :]
+            try:
+                out[name[len(TAGS) :]] = self.repo.refs.get(name)
+            except (RefNotFound, InvalidRefName):
+                continue  # deleted since the listing, or not a ref name at all
+        return out
 
     @property
     def experiments(self) -> ExperimentCollection:
