@@ -32,6 +32,7 @@ class ObjectType(IntEnum):
     HEAD = 6
     PACK_FOOTER = 16
     INDEX = 17
+    SUMMARY_INDEX = 18  # a packed summary index (FORMAT.md §17): an envelope, not an object
 
     @property
     def label(self) -> str:

@@ -23,8 +23,7 @@ import xxhash
 
 from keepsake.errors import CorruptObject, InvalidObjectId, KeyNotFound, StorageError
 from keepsake.objects.cache import FileCache
-from keepsake.objects.codec import compress
-from keepsake.objects.envelope import FORMAT_VERSION, HEADER, MAGIC, unseal
+from keepsake.objects.envelope import seal, unseal
 from keepsake.objects.ids import ID_BYTES, ObjectId, ObjectType, id_from_bytes, id_to_bytes, parse_object_id
 from keepsake.objects.records import CheckpointRecord, ExperimentRecord, HeadRecord
 from keepsake.objects.values import pack_values, unpack_values
@@ -212,8 +211,6 @@ def build_summary(repo: Repository, head_id: ObjectId, heartbeat: float | None =
 PACKED_PREFIX = "summaries/packed/"
 REFS_PREFIX = "refs/experiments/"
 INDEX_VERSION = 1
-#: Envelope type code of a packed summary index (FORMAT.md §2, §17): not an object, no id.
-SUMMARY_INDEX_TYPE = 18
 #: A listing that had to read more refs than this (new, changed or unsettled entries, or
 #: entries of deleted experiments) writes a new packed index: git's packed-refs, where
 #: loose refs pile up until a pack folds them in.
@@ -281,18 +278,16 @@ class SummaryIndex:
     def encode(self) -> tuple[str, bytes]:
         """(key, envelope bytes): the key names the xxh3-128 of the content, seed 18."""
         content = self.content()
-        name = xxhash.xxh3_128_hexdigest(content, seed=SUMMARY_INDEX_TYPE)
-        codec, payload = compress(content)
-        header = HEADER.pack(MAGIC, FORMAT_VERSION, SUMMARY_INDEX_TYPE, int(codec), 0, len(content), len(payload))
-        return PACKED_PREFIX + name, header + payload
+        name = xxhash.xxh3_128_hexdigest(content, seed=int(ObjectType.SUMMARY_INDEX))
+        return PACKED_PREFIX + name, seal(ObjectType.SUMMARY_INDEX, content)
 
     @classmethod
     def decode(cls, data: bytes, key: str) -> SummaryIndex:
         """Raises CorruptObject: bad envelope, wrong type, content not matching the name."""
         otype, content = unseal(data, key)
-        if otype != SUMMARY_INDEX_TYPE:
-            raise CorruptObject(key, f"envelope type {otype} is not a summary index ({SUMMARY_INDEX_TYPE})")
-        if PACKED_PREFIX + xxhash.xxh3_128_hexdigest(content, seed=SUMMARY_INDEX_TYPE) != key:
+        if otype != ObjectType.SUMMARY_INDEX:
+            raise CorruptObject(key, f"envelope type {otype} is not a summary index ({int(ObjectType.SUMMARY_INDEX)})")
+        if PACKED_PREFIX + xxhash.xxh3_128_hexdigest(content, seed=int(ObjectType.SUMMARY_INDEX)) != key:
             raise CorruptObject(key, "content does not hash to its name")
         # Decoding allocates ~10 objects per checkpoint (200,000 for 1,000 x 20) and none
         # of them form cycles: the cyclic collector would only rescan them, over and over
