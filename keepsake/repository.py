@@ -88,6 +88,8 @@ class Repository:
         cache = None
         if storage.backend not in ("local", "memory"):
             cache = FileCache(os.path.join(cache_root(), config.id))
+        #: the local cache of immutable things (None on local disk and memory://)
+        self.cache = cache
         self.objects = ObjectDB(storage, cache)
         self.refs = RefStore(storage)
         self.chunker = Chunker(config.chunker)

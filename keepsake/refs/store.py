@@ -107,7 +107,11 @@ class RefStore:
     def list(self, pattern: str | None = None) -> dict[str, ObjectId]:
         """Every ref (optionally matching a glob or a prefix) and the id it points at."""
         keys: list[str] = []
-        for info in self.storage.list(PREFIX + "/"):
+        # a plain prefix ("tags/") lists only its folder: one LIST page, not every ref
+        folder = ""
+        if pattern and not any(c in pattern for c in "*?[") and "/" in pattern:
+            folder = pattern.rstrip("/").rsplit("/", 1)[0] + "/" if not pattern.endswith("/") else pattern
+        for info in self.storage.list(PREFIX + "/" + folder):
             name = info.key[len(PREFIX) + 1 :]
             if pattern and not (fnmatch.fnmatchcase(name, pattern) or name.startswith(pattern.rstrip("/") + "/") or name == pattern):
                 continue

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import gc
 import logging
-import os
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
 from typing import Any
@@ -22,12 +21,11 @@ from typing import Any
 import xxhash
 
 from keepsake.errors import CorruptObject, InvalidObjectId, KeyNotFound, StorageError
-from keepsake.objects.cache import FileCache
 from keepsake.objects.envelope import seal, unseal
 from keepsake.objects.ids import ID_BYTES, ObjectId, ObjectType, id_from_bytes, id_to_bytes, parse_object_id
 from keepsake.objects.records import CheckpointRecord, ExperimentRecord, HeadRecord
 from keepsake.objects.values import pack_values, unpack_values
-from keepsake.repository import Repository, cache_root
+from keepsake.repository import Repository
 from keepsake.storage import KeyInfo
 
 SUMMARY_VERSION = 1
@@ -385,7 +383,7 @@ class SummaryLoader:
         self.repo = repo
         self.storage = repo.storage
         self.remote = repo.storage.backend not in ("local", "memory")
-        self.cache = FileCache(os.path.join(cache_root(), repo.config.id)) if self.remote else None
+        self.cache = repo.cache if self.remote else None
         self.stats = ListingStats()
 
     # -- reading -------------------------------------------------------------------------------
