@@ -6,18 +6,44 @@ commands never call sys.exit (docs/CLI.md lists the codes).
 
 from __future__ import annotations
 
+import importlib
 from typing import Any
 
 import click
 
 from keepsake.version import __version__
-from keepsake.cli import maintenance, plumbing, porcelain, sync, tracking, usage
 from keepsake.cli.session import Session
 from keepsake.errors import KeepsakeError
 
+#: command -> the module (keepsake.cli.<name>) whose COMMANDS define it. A command's module
+#: is imported when it runs (or for --help), so `keepsake ls` does not pay for importing
+#: gc, transfers and the rest.
+COMMAND_MODULES = {
+    **dict.fromkeys(
+        ["init", "hash-object", "write-tree", "ls-tree", "cat-file", "checkout-tree", "update-ref",
+         "delete-ref", "show-ref", "rev-parse", "count-objects", "fsck"],
+        "plumbing",
+    ),
+    **dict.fromkeys(["ls", "ps", "show", "diff", "checkout", "rm", "tag"], "porcelain"),
+    **dict.fromkeys(["experiment", "commit"], "tracking"),
+    "du": "usage",
+    **dict.fromkeys(["push", "pull", "clone"], "sync"),
+    "gc": "maintenance",
+}
+
 
 class KeepsakeGroup(click.Group):
-    """Turns KeepsakeError into a one-line message and its exit code."""
+    """Turns KeepsakeError into a one-line message and its exit code; loads commands lazily."""
+
+    def list_commands(self, ctx: click.Context) -> list[str]:
+        return sorted({*super().list_commands(ctx), *COMMAND_MODULES})
+
+    def get_command(self, ctx: click.Context, cmd_name: str) -> click.Command | None:
+        if cmd_name not in self.commands and cmd_name in COMMAND_MODULES:
+            module = importlib.import_module(f"keepsake.cli.{COMMAND_MODULES[cmd_name]}")
+            for command in module.COMMANDS:
+                self.add_command(command)
+        return super().get_command(ctx, cmd_name)
 
     def invoke(self, ctx: click.Context) -> Any:
         try:
@@ -51,10 +77,6 @@ def cli(ctx: click.Context, repository: str | None) -> None:
     session = Session(repository)
     ctx.obj = session
     ctx.call_on_close(session.close)
-
-
-for command in [*plumbing.COMMANDS, *porcelain.COMMANDS, *tracking.COMMANDS, *usage.COMMANDS, *sync.COMMANDS, *maintenance.COMMANDS]:
-    cli.add_command(command)
 
 
 def main() -> None:

@@ -623,3 +623,17 @@ def test_error_with_a_multi_line_cause_prints_one_line(repo: str, monkeypatch: p
     monkeypatch.setattr(plumbing, "count_objects", failing)
     result = run("-R", repo, "count-objects")
     assert_error(result, 8, "storage error during list packs/ on s3://bucket/repo: An error occurred SlowDown: please retry")
+
+
+def test_every_command_is_registered_under_its_module() -> None:
+    import importlib
+
+    from keepsake.cli.main import COMMAND_MODULES
+
+    defined = {}
+    for module_name in set(COMMAND_MODULES.values()):
+        module = importlib.import_module(f"keepsake.cli.{module_name}")
+        defined.update({command.name: module_name for command in module.COMMANDS})
+    assert defined == COMMAND_MODULES
+    help_text = CliRunner().invoke(cli, ["--help"]).output
+    assert all(name in help_text for name in COMMAND_MODULES)
