@@ -225,9 +225,15 @@ class _Run:
     # -- steps ------------------------------------------------------------------------------
 
     def tidy(self, lock: GcLock) -> None:
-        """Drop index entries of packs that are gone, then the doomed lists of earlier runs."""
+        """Drop index entries of packs that are gone, then the doomed lists of earlier runs.
+
+        Index files are listed before packs: a writer stores a pack before the index that
+        names it, so a pack missing from the later listing is really gone. (The other order
+        took a pack written between the two listings for a vanished one.)
+        """
+        files = self.index_files()
         present = set(self.packs())
-        self.rewrite_indexes(lambda pack: pack not in present, self.index_files())
+        self.rewrite_indexes(lambda pack: pack not in present, files)
         for info in self.storage.list(DOOMED):
             self.storage.delete(info.key)
         lock.refresh()
@@ -557,9 +563,10 @@ def repair(repo: Repository) -> RepairReport:
             if index_id != rebuilt:
                 storage.delete(index_key(index_id))
         report.corrupt_indexes_removed = len(bad)
-        present = {p for info in storage.list("packs/") if (p := pack_id_of_key(info.key))}
         run = _Run(repo, DEFAULT_GRACE, 0.0, None)
-        report.index_files_rewritten = run.rewrite_indexes(lambda pack: pack not in present, run.index_files())
+        files = run.index_files()  # before the packs: see _Run.tidy
+        present = {p for info in storage.list("packs/") if (p := pack_id_of_key(info.key))}
+        report.index_files_rewritten = run.rewrite_indexes(lambda pack: pack not in present, files)
         for info in storage.list(DOOMED):
             try:
                 decode_doomed(storage.read(info.key), info.key)

@@ -19,16 +19,15 @@ hash), so corruption at the source is reported, naming the object, and never pro
 
 from __future__ import annotations
 
-import threading
 from collections import deque
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Collection, Iterable, Iterator, Mapping
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
 import xxhash
 
-from keepsake.errors import CorruptObject, InvalidRefName, KeyNotFound, ObjectNotFound, RefConflict
+from keepsake.errors import CorruptObject, InvalidRefName, KeyNotFound, ObjectNotFound, RefConflict, RefNotFound
 from keepsake.objects.database import MERGE_AT, SMALL_INDEX, ObjectDB
 from keepsake.objects.envelope import open_object
 from keepsake.objects.ids import ObjectId, ObjectType
@@ -53,6 +52,8 @@ VERBATIM_MIN_BYTES = 4 << 20
 VERBATIM_MIN_FILL = 0.9
 #: objects fetched per batch on the repacking path (one task, coalesced ranged reads)
 BATCH_BYTES = 8 << 20
+#: summaries read and written per batch of concurrent requests
+SUMMARY_BATCH = 64
 #: an index file is written at least this often (bytes copied), so an interrupted
 #: transfer keeps what it sent: rerunning it sends only the rest
 CHECKPOINT_BYTES = 256 << 20
@@ -171,6 +172,10 @@ def transfer(
     dry_run: bool = False,
     progress: Progress | None = None,
     workers: int = WORKERS,
+    refs: Collection[str] | None = None,
+    partial: bool = False,
+    summaries: bool = True,
+    expect: Mapping[str, ObjectId] | None = None,
 ) -> TransferResult:
     """Copy to ``destination`` every ref of ``source`` it can take, and the objects they need.
 
@@ -185,6 +190,20 @@ def transfer(
         dry_run: work out what would be sent, and write nothing.
         progress: called (on the calling thread) as objects are sent.
         workers: reads and pack copies in flight at once.
+        refs: transfer only these ref names (the others are not even listed at the
+            destination: one read per named ref instead of a LIST of all of them).
+        partial: the source is a spool (FORMAT.md §18): it may lack objects that the
+            destination's current value of the ref holds. The walk stops at an object the
+            source lacks and the destination indexes, and only fast-forwards (and
+            up-to-date refs) are accepted, so every such object lies below the ref the
+            transfer moves at the destination (see :func:`_walk`).
+        summaries: copy the experiments' summaries after the refs (the spool's uploader
+            writes its own, naming exactly the head it published).
+        expect: ref name -> the value it must have at the destination; any other value is
+            refused (``diverged``), even one the source's head would fast-forward. The
+            spool's uploader passes the head it published last: a ``keepsake rm`` of the
+            last checkpoint at the destination looks like a destination that is merely
+            behind, and a fast-forward would undo it.
 
     Returns:
         What was done with each ref, and counters. Refused refs do not raise here; the CLI
@@ -195,20 +214,22 @@ def transfer(
         StorageError: either side's storage failed; rerun to finish the job.
     """
     result = TransferResult(source.url, destination.url, dry_run)
+    names = None if refs is None else frozenset(refs)
     if dry_run:
         destination.objects.doomed.refresh()
-        _plan(source, destination, force, result, workers)
+        _plan(source, destination, force, result, workers, names, partial, expect)
         return result
     # The marker comes first: the dedup snapshot below (indexes and doomed lists) is only
     # safe against gc while the marker says which doomed lists this operation has seen.
     with destination.objects.operation() as operation:
         destination.objects.refresh()
-        plan = _plan(source, destination, force, result, workers)
+        plan = _plan(source, destination, force, result, workers, names, partial, expect)
         copier = _Copier(source, destination, result.stats, progress, workers, operation.touch)
         copier.copy(plan)
         _update_refs(destination, result)
         _merge_small_indexes(destination.objects, result.stats)
-        _copy_summaries(source, destination, result)
+        if summaries:
+            _copy_summaries(source, destination, result, names is None)
     return result
 
 
@@ -226,8 +247,17 @@ class _Plan:
     envelopes: dict[ObjectId, bytes]
 
 
-def _plan(source: Repository, destination: Repository, force: bool, result: TransferResult, workers: int) -> _Plan:
-    result.refs = _classify_refs(source, destination, force)
+def _plan(
+    source: Repository,
+    destination: Repository,
+    force: bool,
+    result: TransferResult,
+    workers: int,
+    names: frozenset[str] | None = None,
+    partial: bool = False,
+    expect: Mapping[str, ObjectId] | None = None,
+) -> _Plan:
+    result.refs = _classify_refs(source, destination, force, names, partial, expect or {})
     roots = {r.source: f"ref {r.name}" for r in result.refs if r.action in UPDATING}
     stats = result.stats
     dst = destination.objects
@@ -236,7 +266,7 @@ def _plan(source: Repository, destination: Repository, force: bool, result: Tran
         # an object gc has doomed at the destination counts as absent there (FORMAT.md §11)
         return not dst.has(oid) or dst.doomed.contains(oid)
 
-    reachable, envelopes, children = _walk(source.objects, roots, missing, workers)
+    reachable, envelopes, children = _walk(source.objects, roots, missing, workers, dst.has if partial else None)
     needed: dict[ObjectId, PackEntry] = {}
     for oid, entry in reachable.items():
         if missing(oid):
@@ -297,23 +327,48 @@ def _children_first(roots: list[ObjectId], children: dict[ObjectId, list[ObjectI
     return out
 
 
-def _classify_refs(source: Repository, destination: Repository, force: bool) -> list[RefUpdate]:
+def _classify_refs(
+    source: Repository,
+    destination: Repository,
+    force: bool,
+    names: frozenset[str] | None = None,
+    partial: bool = False,
+    expect: Mapping[str, ObjectId] | None = None,
+) -> list[RefUpdate]:
+    expect = expect or {}
     ours = source.refs.list()
-    theirs = destination.refs.list()
+    if names is None:
+        theirs = destination.refs.list()
+    else:
+        ours = {name: target for name, target in ours.items() if name in names}
+        theirs = {}
+        for name in ours:
+            try:
+                theirs[name] = destination.refs.get(name)
+            except RefNotFound:
+                pass
     out = []
     for name, target in sorted(ours.items()):
         current = theirs.get(name)
         if current is None:
-            out.append(RefUpdate(name, target, None, CREATE))
+            if partial:
+                # a spool holds only what the destination lacked when it was written: its
+                # objects need the destination's ref, so it cannot create one
+                out.append(RefUpdate(name, target, None, DIVERGED, "it is missing at the destination (deleted there?)"))
+            else:
+                out.append(RefUpdate(name, target, None, CREATE))
             continue
         if current == target:
             out.append(RefUpdate(name, target, current, UP_TO_DATE))
+            continue
+        if name in expect and current != expect[name]:
+            out.append(RefUpdate(name, target, current, DIVERGED, f"it moved at the destination (from {expect[name][:7]})"))
             continue
         if name.startswith(EXPERIMENTS):
             action, reason = _compare_heads(source, destination, target, current)
         else:
             action, reason = DIVERGED, f"it points at {current[:7]} at the destination and {target[:7]} at the source"
-        if force and action in (DIVERGED, BEHIND):
+        if force and action in (DIVERGED, BEHIND) and not partial:
             action, reason = FORCE, f"was {current[:7]}: {reason}"
         out.append(RefUpdate(name, target, current, action, reason))
     return out
@@ -328,7 +383,12 @@ def _compare_heads(source: Repository, destination: Repository, ours: ObjectId, 
     is behind" from "a checkpoint was removed here": the heads' ``updated`` times do (all
     heads of one experiment are written by its own process, except for ``rm``).
     """
-    src = HeadRecord.decode(source.objects.get(ours, ObjectType.HEAD), ours)
+    try:
+        src = HeadRecord.decode(source.objects.get(ours, ObjectType.HEAD), ours)
+    except ObjectNotFound:
+        # a spool prunes what it uploaded (FORMAT.md §18): its head is gone once the
+        # destination had it, so a differing destination head moved there since
+        return DIVERGED, f"its head {ours[:7]} is no longer at the source, and the destination's moved to {theirs[:7]}"
     try:
         dst = HeadRecord.decode(destination.objects.get(theirs, ObjectType.HEAD), theirs)
     except ObjectNotFound:
@@ -355,13 +415,25 @@ def _compare_heads(source: Repository, destination: Repository, ours: ObjectId, 
 
 
 def _walk(
-    db: ObjectDB, roots: dict[ObjectId, str], missing: Callable[[ObjectId], bool], workers: int
+    db: ObjectDB,
+    roots: dict[ObjectId, str],
+    missing: Callable[[ObjectId], bool],
+    workers: int,
+    boundary: Callable[[ObjectId], bool] | None = None,
 ) -> tuple[dict[ObjectId, PackEntry], dict[ObjectId, bytes], dict[ObjectId, list[ObjectId]]]:
     """Everything reachable from ``roots`` in the source, verified as it is read.
 
     Every metadata object reachable is read (chunks are leaves: they are read only when
     sent). Objects the destination has are walked too: an object being there does not prove
     its children are (gc may have doomed them), and the walk is metadata only.
+
+    With ``boundary`` (a spool as the source, FORMAT.md §18), an object the source lacks
+    is not an error when ``boundary`` says the destination indexes it: the walk stops
+    there. This is sound because a spool drops only objects an upload made reachable from
+    the experiment's ref at the destination, and the partial transfer only fast-forwards
+    that ref: every object below it is reachable there now, so gc has not doomed it (it
+    dooms unreachable objects only) and cannot before the ref moves on (the compare-and-swap
+    fails if someone else moved it). Doomed or not, it is live.
 
     Returns:
         source entries of every reachable object; the envelopes of the metadata objects
@@ -384,6 +456,8 @@ def _walk(
                     try:
                         entry = db.locate(oid)  # written since the snapshot
                     except ObjectNotFound:
+                        if boundary is not None and boundary(oid):
+                            continue  # uploaded from the spool earlier: the destination holds it
                         raise CorruptObject(oid, f"it is referenced by {referrer} but missing from {db.storage.url}") from None
                 if expected is not None and entry.type != expected:
                     raise CorruptObject(oid, f"{referrer} expects a {expected.label}, but it is a {entry.type.label}")
@@ -630,14 +704,17 @@ def _merge_small_indexes(db: ObjectDB, stats: TransferStats) -> None:
         db.merge_indexes()
 
 
-def _copy_summaries(source: Repository, destination: Repository, result: TransferResult) -> None:
+def _copy_summaries(source: Repository, destination: Repository, result: TransferResult, listed: bool = True) -> None:
     """Copy each sent experiment's summary (derived listing data, FORMAT.md §14.4), and
     any the destination lacks for an experiment it already had (an interrupted transfer).
 
     Copied byte for byte: a reader rebuilds a summary that names another head than the
-    ref, so a stale one is harmless, and none at the source means none is copied.
+    ref, so a stale one is harmless, and none at the source means none is copied. With
+    ``listed`` False (a transfer of named refs) the destination's summaries are not
+    listed: those of up-to-date experiments are written again (a few small files).
     """
-    present = {info.key[len(SUMMARIES) :] for info in destination.storage.list(SUMMARIES)}
+    present = {info.key[len(SUMMARIES) :] for info in destination.storage.list(SUMMARIES)} if listed else set()
+    keys = []
     for update in result.refs:
         if not update.name.startswith(EXPERIMENTS):
             continue
@@ -646,11 +723,20 @@ def _copy_summaries(source: Repository, destination: Repository, result: Transfe
             continue
         if update.action not in UPDATING and update.action != UP_TO_DATE:
             continue
-        key = SUMMARIES + experiment_id
+        keys.append(SUMMARIES + experiment_id)
+    # many requests in flight on object stores: a push of 1,000 new experiments is not
+    # 2,000 requests one after another
+    for start in range(0, len(keys), SUMMARY_BATCH):
+        batch = keys[start : start + SUMMARY_BATCH]
         try:
-            data = source.storage.read(key)
-        except KeyNotFound:
-            continue
-        destination.storage.write(key, data, durable=False)
-        result.stats.summaries_written += 1
-        result.stats.bytes_sent += len(data)
+            found = dict(zip(batch, source.storage.read_many(batch)))
+        except KeyNotFound:  # some have none (rebuilt by readers): read them one by one
+            found = {}
+            for key in batch:
+                try:
+                    found[key] = source.storage.read(key)
+                except KeyNotFound:
+                    continue
+        destination.storage.write_many(list(found.items()), durable=False)
+        result.stats.summaries_written += len(found)
+        result.stats.bytes_sent += sum(len(data) for data in found.values())

@@ -309,9 +309,10 @@ def update_ref_command(session: Session, name: str, new_id: str, old_id: str | N
       keepsake update-ref tags/best 9b1d04e 3f2a9c1
     """
     repo = session.repo
-    new = repo.resolve(new_id)
-    checked, expected = _expected_id(repo, old_id)
-    repo.refs.set(name, new, expected, check=checked)
+    with repo.objects.operation():  # from finding NEWID to the ref: gc keeps it (FORMAT.md §11)
+        new = repo.resolve(new_id)
+        checked, expected = _expected_id(repo, old_id)
+        repo.refs.set(name, new, expected, check=checked)
 
 
 @click.command("delete-ref")

@@ -17,6 +17,7 @@ from keepsake.cli.session import Session, pass_session
 from keepsake.errors import DivergedRefs, InvalidArgument, RepositoryNotFound
 from keepsake.project import CONFIG_FILE, DEFAULT_REPOSITORY, ProjectSettings, load_config, write_config
 from keepsake.repository import Repository
+from keepsake.tracking.spool import FlushResult, flush_spools
 from keepsake.transfer import UP_TO_DATE, TransferResult, TransferStats, init_like, transfer
 
 
@@ -139,6 +140,40 @@ def _transfer_options(fn: Callable[..., Any]) -> Callable[..., Any]:
     return fn
 
 
+def _flush(repo: Repository, dry_run: bool, quiet: bool, as_json: bool) -> list[FlushResult]:
+    """Upload the spools that processes which are gone left for ``repo`` (FORMAT.md §18)."""
+    progress = ProgressLine(enabled=not quiet and not as_json)
+    try:
+        done = flush_spools(repo, progress=progress, dry_run=dry_run)
+    finally:
+        progress.close()
+    if not as_json and (not quiet or dry_run):
+        for flushed in done:
+            name = os.path.basename(flushed.path)[:7]
+            if flushed.error is not None:
+                click.echo(f"  failed        spool of experiment {name}: {flushed.error}", err=True)
+            elif flushed.result is not None:
+                s = flushed.result.stats
+                verb = "would send" if dry_run else "uploaded"
+                sent = s.bytes_needed if dry_run else s.bytes_sent
+                kept = "" if flushed.removed or dry_run else f" (kept in {flushed.path})"
+                click.echo(
+                    f"  {verb:<13} spool of experiment {name}: {format_bytes(sent)}, "
+                    f"{format_bytes(s.bytes_skipped)} already there{kept}",
+                    err=not dry_run,
+                )
+    return done
+
+
+def _raise_flush_errors(done: list[FlushResult], destination: str) -> None:
+    for flushed in done:
+        if flushed.error is not None:
+            raise flushed.error
+    refused = [(r.name, r.reason) for f in done if f.result is not None for r in f.result.refused]
+    if refused:
+        raise DivergedRefs(destination, refused)
+
+
 @click.command("push")
 @click.argument("url", required=False)
 @_transfer_options
@@ -150,17 +185,57 @@ def push_command(
 
     URL defaults to "remote:" in keepsake.yaml. Only what the remote lacks is sent; running
     it again after an interruption finishes the job. Experiments that grew here are
-    fast-forwarded there; refs changed on both sides are refused (exit 10) unless --force.
+    fast-forwarded there; refs changed on both sides are refused (exit 12) unless --force.
     The remote repository must exist (keepsake init URL).
+
+    Checkpoints recorded into a repository on an object store wait in a local spool until
+    they are uploaded; a training process that died leaves its spool behind. Without a URL
+    and without "remote:", push uploads those spools to the project's repository (when it
+    is on an object store); with one, it uploads them first, then pushes.
 
     \b
     Example:
       keepsake push s3://bucket/team-models
       keepsake push --dry-run
+      keepsake push                # finish the uploads of crashed runs
     """
-    remote, options = _remote(session.project, url, storage_options)
+    project = session.project
+    if url is None and project.remote is None:
+        try:
+            spooled = session.repo.storage.backend not in ("local", "memory")
+        except RepositoryNotFound:
+            spooled = False
+        if not spooled:  # nothing is ever spooled for it: a remote is what is missing
+            _remote(project, url, storage_options)
+        if storage_options:
+            raise InvalidArgument("-o applies to a remote URL; the project's repository takes storage_options from keepsake.yaml")
+        done = _flush(session.repo, dry_run, quiet, as_json)
+        if as_json:
+            echo_json(
+                {
+                    "destination": session.repo.url,
+                    "dry_run": dry_run,
+                    "spools": [
+                        {
+                            "path": f.path,
+                            "removed": f.removed,
+                            "error": str(f.error) if f.error is not None else None,
+                            **(f.result.to_dict() if f.result is not None else {}),
+                        }
+                        for f in done
+                    ],
+                }
+            )
+        elif not done and not quiet:
+            click.echo(f"nothing to upload: no spool left by an earlier run for {session.repo.url}", err=True)
+        _raise_flush_errors(done, session.repo.url)
+        return
+    remote, options = _remote(project, url, storage_options)
     destination = Repository.open(remote, options)
     try:
+        if not dry_run:
+            # the project's repository complete first: what crashed runs spooled goes too
+            _raise_flush_errors(_flush(session.repo, False, quiet, as_json), session.repo.url)
         _run(session.repo, destination, "pushed", force, dry_run, quiet, as_json)
     finally:
         destination.close()

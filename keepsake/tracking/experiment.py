@@ -22,12 +22,13 @@ from types import TracebackType
 from typing import TYPE_CHECKING, Any
 
 from keepsake.errors import CheckoutConflict, InvalidArgument, ObjectNotFound, RefConflict
-from keepsake.objects.database import ObjectWriter
+from keepsake.objects.database import ObjectDB, ObjectWriter
 from keepsake.objects.ids import ObjectId, ObjectType
 from keepsake.objects.manifests import check_entry_name
 from keepsake.objects.records import GOALS, CheckpointRecord, ExperimentRecord, HeadRecord
 from keepsake.objects.values import is_number, normalize
 from keepsake.objects.worktree import checkout_tree, find_entry, write_subpath
+from keepsake.tracking.spool import Spool, UploadState
 from keepsake.tracking.summary import CheckpointSummary, Summary, summary_key
 
 if TYPE_CHECKING:
@@ -39,6 +40,8 @@ log = logging.getLogger("keepsake")
 HEARTBEAT_INTERVAL = 10.0
 #: an experiment whose last heartbeat is older than this is not running
 HEARTBEAT_TIMEOUT = 60.0
+#: stop() prints one line about a wait for uploads longer than this when stderr is not a TTY
+QUIET_WAIT = 3.0
 
 
 def utc_now() -> str:
@@ -78,8 +81,8 @@ class Checkpoint:
     @property
     def record(self) -> CheckpointRecord:
         if self._record is None:
-            repo = self.experiment.project.repo
-            self._record = CheckpointRecord.decode(repo.objects.get(self.id, ObjectType.CHECKPOINT), self.id)
+            db = self.experiment._objects
+            self._record = CheckpointRecord.decode(db.get(self.id, ObjectType.CHECKPOINT), self.id)
         return self._record
 
     @property
@@ -97,10 +100,10 @@ class Checkpoint:
             ObjectNotFound: the checkpoint saved no file at ``path``.
         """
         files = self.files
-        entry = find_entry(self.experiment.project.repo.objects, files, path) if files else None
+        db = self.experiment._objects
+        entry = find_entry(db, files, path) if files else None
         if entry is None or not entry.is_file or entry.id is None:
             raise ObjectNotFound(f"{self.short_id}:{path}", what="file")
-        db = self.experiment.project.repo.objects
         return db.open_blob(db.get_blob(entry.id))
 
     def checkout(self, output_directory: str, force: bool = False) -> int:
@@ -108,7 +111,7 @@ class Checkpoint:
         if self.files is None:
             os.makedirs(output_directory, exist_ok=True)
             return 0
-        return checkout_tree(self.experiment.project.repo.objects, self.files, output_directory, force=force)
+        return checkout_tree(self.experiment._objects, self.files, output_directory, force=force)
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -145,6 +148,17 @@ class Experiment:
         self._stop_event = threading.Event()
         self._failed = False
         self._pid = os.getpid()
+        #: set once the exit hook is registered: only then may checkpoints be spooled
+        #: (stop() or the hook waits for the upload; `keepsake commit` writes directly)
+        self._may_spool = False
+        self._spool: Spool | None = None
+        #: reads of this process's own objects (the spool, then the remote) while spooling
+        self._reader: ObjectDB | None = None
+        #: spooled heads not yet known to be at the remote -> their summaries; the summary
+        #: of the newest head the remote's ref names (what heartbeats write there)
+        self._spooled_heads: dict[ObjectId, Summary] = {}
+        self._uploaded_summary: Summary | None = None
+        self._remote_lock = threading.Lock()
 
     # -- what it is --------------------------------------------------------------------------
 
@@ -190,6 +204,12 @@ class Experiment:
             repo = self.project.repo
             self._record = ExperimentRecord.decode(repo.objects.get(self.id, ObjectType.EXPERIMENT), self.id)
         return self._record
+
+    @property
+    def _objects(self) -> ObjectDB:
+        """Where this experiment's objects are read: its spool first while it has one."""
+        reader = self._reader
+        return reader if reader is not None else self.project.repo.objects
 
     python_version = property(lambda self: self.record.python_version)
     python_packages = property(lambda self: self.record.python_packages)
@@ -269,7 +289,7 @@ class Experiment:
         from keepsake.objects.worktree import checkout_tree as _checkout
 
         written = 0
-        db = self.project.repo.objects
+        db = self._objects
         if self.code:
             # FIX (tests/tracking/test_api.py): code recorded from a subdirectory (path="src")
             # was written at the top of output_directory while checkpoint files (saved
@@ -295,7 +315,10 @@ class Experiment:
         self.project.delete_experiment(self.id)
 
     def refresh(self) -> Experiment:
-        """Re-read this experiment's summary from the repository."""
+        """Re-read this experiment's summary from the repository (a live experiment that
+        spools its checkpoints knows better than the remote: it is left as it is)."""
+        if self._reader is not None:
+            return self
         self._summary = self.project.load_summary(self.id)
         return self
 
@@ -362,6 +385,10 @@ class Experiment:
                 last = next((c.step for c in reversed(previous) if c.step is not None), None)
                 step = 0 if last is None else last + 1
             step = int(step)
+            spool = self._spool_for_writing()
+            if spool is not None:
+                entry = self._checkpoint_spooled(spool, relpath, step, metrics_n, primary)
+                return Checkpoint(self, entry)
             repo = self.project.repo
             # one operation from dedup snapshot to ref update: gc protects what it relies on
             with repo.objects.operation(), repo.objects.writer() as writer:
@@ -392,9 +419,33 @@ class Experiment:
         with self._lock:
             self._stopped = True
             self._stop_event.set()
-            self._publish(lambda ids: ids, status)
+            spool = self._spool
+            if spool is not None:
+                with spool.write_lock:
+                    self._record_spooled(spool, None, self._summary.checkpoints, status)
+            else:
+                self._publish(lambda ids: ids, status)
         if self._heartbeat is not None and self._heartbeat is not threading.current_thread():
             self._heartbeat.join(timeout=5)
+        if spool is not None:
+            self._finish_uploads(spool)
+
+    def sync(self, timeout: float | None = None) -> bool:
+        """Wait until the repository has every checkpoint recorded so far.
+
+        On a remote repository checkpoints are stored in a local spool and uploaded in the
+        background (docs/FORMAT.md §18); this waits for that upload, e.g. before another
+        process is told to read them. Elsewhere it returns at once.
+
+        Args:
+            timeout: give up after this many seconds of failing uploads (default
+                $KEEPSAKE_UPLOAD_PATIENCE, 120).
+
+        Returns:
+            True when everything recorded is in the repository.
+        """
+        spool = self._spool
+        return spool is None or spool.wait(patience=timeout)
 
     def __enter__(self) -> Experiment:
         return self
@@ -420,6 +471,17 @@ class Experiment:
         If another process changed the head (e.g. ``keepsake rm`` of a checkpoint), the
         change is re-applied on top of theirs.
         """
+        repo = self.project.repo
+        with repo.objects.operation():  # until the ref is set: gc must not take the new head
+            self._publish_head(change, status, added, writer)
+
+    def _publish_head(
+        self,
+        change: Callable[[tuple[ObjectId, ...]], tuple[ObjectId, ...]],
+        status: str,
+        added: CheckpointSummary | None,
+        writer: ObjectWriter | None,
+    ) -> None:
         repo = self.project.repo
         ref = experiment_ref(self.id)
         expected: ObjectId | None = self._summary.head
@@ -457,11 +519,175 @@ class Experiment:
         # derived data (rebuilt from objects when stale): no fsync on the training loop's path
         self.project.repo.storage.write(summary_key(self.id), self._summary.encode(), durable=False)
 
+    # -- spooling (FORMAT.md §18) ------------------------------------------------------------
+
+    def _spool_for_writing(self) -> Spool | None:
+        """This experiment's spool, opened at its first checkpoint, or None to write directly.
+
+        Spooled: repositories on a network (everything but local disk and memory://, which
+        are as fast as a spool), for experiments whose exit hook waits for the upload.
+        KEEPSAKE_SPOOL=off writes directly (each checkpoint waits for its upload).
+        """
+        if self._spool is not None or not self._may_spool:
+            return self._spool
+        repo = self.project.repo
+        if repo.storage.backend in ("local", "memory") or os.environ.get("KEEPSAKE_SPOOL", "").lower() in ("0", "off", "no"):
+            self._may_spool = False
+            return None
+        self._uploaded_summary = self._summary
+        spool = Spool.open(repo, self.id, self._summary.head, self._on_uploaded, self._rebase)
+        if spool is None:  # another live process records this experiment and owns its spool
+            self._may_spool = False
+            return None
+        self._spool, self._reader = spool, spool.reader
+        return spool
+
+    def _checkpoint_spooled(
+        self, spool: Spool, relpath: str | None, step: int, metrics: dict[str, Any], primary: tuple[str, str] | None
+    ) -> CheckpointSummary:
+        """checkpoint() into the spool: the same objects and head as a direct checkpoint,
+        stored locally; the uploader sends them (caller holds self._lock)."""
+        previous = self._summary.checkpoints
+        repo = spool.repo
+        with spool.write_lock, repo.objects.operation(), repo.objects.writer() as writer:
+            files = None
+            if relpath is not None:
+                files, _ = write_subpath(writer, repo.chunker, self.project.directory, relpath)
+            record = CheckpointRecord(
+                experiment=self.id,
+                created=utc_now(),
+                step=step,
+                metrics=metrics,
+                primary_metric=primary,
+                path=relpath,
+                files=files,
+                parent=previous[-1].id if previous else None,
+            )
+            checkpoint_id = writer.put(ObjectType.CHECKPOINT, record.encode())
+            entry = CheckpointSummary.of(checkpoint_id, record)
+            self._record_spooled(spool, writer, self._summary.checkpoints + (entry,), "running")
+        return entry
+
+    def _record_spooled(
+        self, spool: Spool, writer: ObjectWriter | None, checkpoints: tuple[CheckpointSummary, ...], status: str
+    ) -> None:
+        """Write a new head into the spool (objects, index, then the spool's ref, then its
+        summary) and hand it to the uploader. Caller holds self._lock and spool.write_lock.
+
+        Only this process writes the spool, so its ref is set without compare-and-swap;
+        the compare-and-swap at the remote is the upload's (a fast-forward, FORMAT.md §16).
+        """
+        repo = spool.repo
+        head = HeadRecord(self.id, tuple(c.id for c in checkpoints), status, utc_now())
+        if writer is not None:
+            head_id = writer.put(ObjectType.HEAD, head.encode())
+            writer.flush()
+        else:
+            with repo.objects.operation(), repo.objects.writer() as head_writer:
+                head_id = head_writer.put(ObjectType.HEAD, head.encode())
+        repo.refs.set(spool.ref, head_id, check=False)
+        self._summary = replace(self._summary, head=head_id, status=status, checkpoints=checkpoints, heartbeat=time.time())
+        with self._remote_lock:
+            self._spooled_heads[head_id] = self._summary
+        # the spool's summary is what `keepsake push` copies if this process dies
+        repo.storage.write(summary_key(self.id), self._summary.encode(), durable=False)
+        spool.reader.refresh()
+        spool.submit(head_id)
+
+    def _rebase(self, theirs_id: ObjectId) -> bool:
+        """Re-apply what this process spooled on top of the remote's head ``theirs_id``,
+        which moved there meanwhile (``keepsake rm`` of a checkpoint while we run), as
+        :meth:`_publish` does for a direct write. Runs on the uploader thread; returns
+        False when the remote's head is not this experiment's.
+        """
+        remote = self.project.repo
+        theirs = HeadRecord.decode(remote.objects.get(theirs_id, ObjectType.HEAD), theirs_id)
+        if theirs.experiment != self.id:
+            return False
+        with self._lock:
+            spool = self._spool
+            if spool is None:
+                return False
+            with self._remote_lock:
+                base = self._uploaded_summary
+            uploaded = {c.id for c in base.checkpoints} if base is not None else set()
+            known = {c.id: c for c in self._summary.checkpoints}
+            ours = [c.id for c in self._summary.checkpoints if c.id not in uploaded and c.id not in theirs.checkpoints]
+            checkpoints = tuple(known[c] if c in known else self.project.checkpoint_summary(c) for c in theirs.checkpoints)
+            checkpoints += tuple(known[c] for c in ours)
+            with spool.write_lock:
+                self._record_spooled(spool, None, checkpoints, self._summary.status)
+        return True
+
+    def _on_uploaded(self, head_id: ObjectId) -> None:
+        """The remote's ref names ``head_id`` now: write its summary there (uploader thread)."""
+        with self._remote_lock:
+            summary = self._spooled_heads.get(head_id)
+            if summary is None:
+                return
+            for older in list(self._spooled_heads):
+                del self._spooled_heads[older]
+                if older == head_id:
+                    break
+            self._uploaded_summary = summary
+        self._write_uploaded_summary()
+
+    def _write_uploaded_summary(self) -> None:
+        """Write the summary of the newest uploaded head, with a fresh heartbeat (a summary
+        naming a head the remote lacks would make every reader rebuild it from objects)."""
+        with self._remote_lock:
+            summary = self._uploaded_summary
+            if summary is None:
+                return
+            if summary.heartbeat is not None and not self._stopped:
+                summary = summary.with_heartbeat(time.time())
+            self.project.repo.storage.write(summary_key(self.id), summary.encode(), durable=False)
+
+    def _finish_uploads(self, spool: Spool) -> None:
+        """Wait for the uploader (stop, exit), with a progress line on stderr; remove the
+        spool when everything arrived, else say where it is and how to finish."""
+        tty = sys.stderr.isatty()
+        began = time.monotonic()
+        drawn = [False]
+
+        def progress(state: UploadState) -> None:
+            stats = state.stats
+            if tty:
+                line = (
+                    f"keepsake: uploading experiment {self.short_id}: {_format_bytes(stats.bytes_sent)} "
+                    f"of ~{_format_bytes(stats.bytes_needed)} sent, {_format_bytes(stats.bytes_skipped)} already there"
+                )
+                if state.last_error is not None:
+                    line += f" (retrying: {state.last_error})"
+                print(f"\r\x1b[K{line[:200]}", end="", file=sys.stderr, flush=True)
+                drawn[0] = True
+            elif not drawn[0] and time.monotonic() - began > QUIET_WAIT:
+                print(f"keepsake: waiting for the upload of experiment {self.short_id} to {spool.remote.url}", file=sys.stderr)
+                drawn[0] = True
+
+        try:
+            done = spool.wait(progress)
+        finally:
+            if tty and drawn[0]:
+                print("\r\x1b[K", end="", file=sys.stderr, flush=True)
+        spool.close(remove=done)
+        if done:
+            self._spool = self._reader = None
+            return
+        state = spool.state
+        why = state.fatal or state.last_error
+        print(
+            f"keepsake: experiment {self.short_id} is not fully uploaded to {spool.remote.url} ({why}); "
+            f"it is kept in {spool.path}: run \"keepsake push\" in the project to finish the upload",
+            file=sys.stderr,
+        )
+
     # -- liveness ----------------------------------------------------------------------------
 
     def _start_heartbeat(self) -> None:
         if self._summary.detached:
             return
+        self._may_spool = True  # the exit hook registered below waits for uploads
         self._heartbeat = threading.Thread(target=self._beat, name=f"keepsake-heartbeat-{self.short_id}", daemon=True)
         self._heartbeat.start()
         # FIX (tests/tracking/test_lifecycle.py): with atexit.register the hook ran after
@@ -490,7 +716,11 @@ class Experiment:
                     if self._stopped:
                         return
                     self._summary = self._summary.with_heartbeat(time.time())
-                    self._write_summary()
+                    spooling = self._spool is not None
+                    if not spooling:
+                        self._write_summary()
+                if spooling:  # outside the lock: checkpoint() must not wait for the network
+                    self._write_uploaded_summary()
             except Exception as exc:  # noqa: BLE001 - a failed heartbeat must not kill training
                 log.warning("keepsake: heartbeat for experiment %s failed: %s", self.short_id, exc)
 
@@ -501,6 +731,15 @@ class Experiment:
             self.stop("failed" if _UNCAUGHT.is_set() else "stopped")
         except Exception as exc:  # noqa: BLE001 - interpreter is exiting; report, do not raise
             print(f"keepsake: could not record the end of experiment {self.short_id}: {exc}", file=sys.stderr)
+
+
+def _format_bytes(n: int) -> str:
+    size = float(n)
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if size < 1024 or unit == "GiB":
+            return f"{size:.0f} {unit}" if unit == "B" else f"{size:.1f} {unit}"
+        size /= 1024
+    return f"{size:.1f} GiB"
 
 
 def _check_primary(primary: Any, metrics: dict[str, Any]) -> tuple[str, str] | None:

@@ -325,7 +325,11 @@ class Project:
 
     def tag(self, name: str, target: Experiment | Checkpoint) -> None:
         """Point tag ``name`` at an experiment or checkpoint (replacing an older tag)."""
-        self.repo.refs.set(TAGS + name, target.id, check=False)
+        # an operation from the existence check to the ref: a gc sweeping the target (an
+        # experiment removed meanwhile) waits, then sees it reachable through the tag
+        with self.repo.objects.operation():
+            self.repo.objects.locate(target.id)
+            self.repo.refs.set(TAGS + name, target.id, check=False)
 
     def tags(self) -> dict[str, ObjectId]:
         # Lists refs/tags/ only: RefStore.list lists every ref (1,000 experiment refs: one

@@ -34,6 +34,7 @@ def test_record_read_and_change_experiments_on_s3(s3_server: S3Server, project_d
     c0 = e.checkpoint(path="model.pt", metrics={"loss": 0.5}, primary_metric=("loss", "minimize"))
     model.write_bytes(b"second")
     c1 = e.checkpoint(path="model.pt", metrics={"loss": 0.2})
+    e.sync()  # checkpoints upload in the background (FORMAT §18): wait before looking from elsewhere
 
     other = Project(repository=url, directory=str(project_dir), storage_options=options)
     [listed] = other.list()
