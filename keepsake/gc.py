@@ -121,7 +121,7 @@ class GcLock:
         return packed
 
     def acquire(self) -> None:
-        if self._storage.create(LOCK_KEY, self._data()):
+        if self._storage.create(LOCK_KEY, self._data(), unique=True):
             self._written = time.monotonic()
             return
         try:
@@ -132,7 +132,7 @@ class GcLock:
         mtime = next((i.mtime for i in self._storage.list("gc/") if i.key == LOCK_KEY and i.mtime), 0.0)
         if time.time() - max(updated, mtime) < LOCK_TIMEOUT:
             raise RepositoryBusy(self._storage.url, holder)
-        if not self._storage.swap(LOCK_KEY, self._data(), version):  # take over a dead gc's lock
+        if not self._storage.swap(LOCK_KEY, self._data(), version, unique=True):  # take over a dead gc's lock
             raise RepositoryBusy(self._storage.url, "another gc took over a stale lock first")
         self._written = time.monotonic()
 

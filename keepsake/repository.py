@@ -99,7 +99,7 @@ class Repository:
         """Create a repository at ``url``. Raises RepositoryExists."""
         storage = Storage.open(url, options)
         config = Config()
-        if not storage.create(CONFIG_KEY, config.encode()):
+        if not storage.create(CONFIG_KEY, config.encode(), unique=True):
             raise RepositoryExists(storage.url)
         return cls(storage, config)
 

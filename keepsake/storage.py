@@ -288,10 +288,13 @@ class Storage:
             out.append(bytes(value))
         return out
 
-    def create(self, key: str, data: bytes | bytearray | memoryview) -> bool:
+    def create(self, key: str, data: bytes | bytearray | memoryview, unique: bool = False) -> bool:
         """Store ``data`` at ``key`` only if the key does not exist.
 
         Returns True when this call created the key, False when it already existed.
+        ``unique``: the caller's bytes are its own (they name an id, a pid, a time), so a
+        key found holding exactly them after a failed precondition means our write landed
+        and the client's retry met it (see :meth:`_wrote_this`).
         Exclusive on local disk, memory and S3; on GCS exclusive against the real service
         (generation precondition 0); see docs/FORMAT.md for the generic fsspec fallback.
         """
@@ -306,10 +309,10 @@ class Storage:
                 self._fs.pipe_file(self._path(key), bytes(data), mode="create")
                 return True
             except FileExistsError:
-                return False
+                return unique and self._wrote_this(key, bytes(data))
             except Exception as exc:
                 if _is_precondition_failure(exc):
-                    return False
+                    return unique and self._wrote_this(key, bytes(data))
                 return self._call("create", key, lambda: _raise(exc))
         # generic fsspec: not atomic; documented as such
         try:
@@ -319,11 +322,13 @@ class Storage:
             self.write(key, data)
             return True
 
-    def swap(self, key: str, data: bytes | None, expected: Version | None) -> bool:
+    def swap(self, key: str, data: bytes | None, expected: Version | None, unique: bool = False) -> bool:
         """Compare-and-swap ``key``: set it to ``data`` (or delete it when ``data`` is None)
         only if its current version is ``expected`` (None: only if it does not exist).
 
         Returns True when the swap happened, False when the current value did not match.
+        ``unique``: as for :meth:`create` (a lost answer followed by a retry that meets our
+        own write is recognised as success).
         """
         if self.backend == "local":
             return self._call("swap", key, lambda: self._local_swap(key, data, expected))
@@ -333,11 +338,11 @@ class Storage:
         if expected is None:
             if data is None:
                 return not self._exists(key)
-            return self.create(key, data)
+            return self.create(key, data, unique)
         if self.backend == "s3":
-            return self._call("swap", key, lambda: self._s3_swap(key, data, expected))
+            return self._call("swap", key, lambda: self._s3_swap(key, data, expected, unique))
         if self.backend == "gcs":
-            return self._call("swap", key, lambda: self._gcs_swap(key, data, expected))
+            return self._call("swap", key, lambda: self._gcs_swap(key, data, expected, unique))
         # generic fsspec: best effort, not atomic (documented)
         try:
             current = _content_version(self.read(key))
@@ -487,7 +492,7 @@ class Storage:
         result: tuple[bytes, Version] = fsspec.asyn.sync(self._fs.loop, get)
         return result
 
-    def _s3_swap(self, key: str, data: bytes | None, expected: Version) -> bool:
+    def _s3_swap(self, key: str, data: bytes | None, expected: Version, unique: bool) -> bool:
         bucket, path = self._s3_split(key)
         try:
             if data is None:
@@ -497,14 +502,28 @@ class Storage:
                     "put_object", Bucket=bucket, Key=path, Body=data, IfMatch=f'"{expected}"'
                 )
         except FileNotFoundError:
-            return False
+            return unique and self._wrote_this(key, data)
         except Exception as exc:
             if _is_precondition_failure(exc):
-                return False
+                return unique and self._wrote_this(key, data)
             raise
         finally:
             self._fs.invalidate_cache(self._path(key))
         return True
+
+    def _wrote_this(self, key: str, data: bytes | None) -> bool:
+        """After a conditional write failed its precondition: did our own write land?
+
+        The client library retries a request whose answer was lost (a timeout, a reset
+        connection), and the retry then fails its precondition against our own first
+        write. The key holding exactly our bytes (or, for a delete, being gone) means it
+        did. Everything written conditionally names ids, pids or times, so equal bytes are
+        ours (or an identical write, which is the same outcome).
+        """
+        try:
+            return data is not None and self.read(key) == data
+        except KeyNotFound:
+            return data is None
 
     # -- GCS: generation preconditions -------------------------------------------------------
 
@@ -524,7 +543,7 @@ class Storage:
             if before == after:
                 return bytes(data), Version(str(after))
 
-    def _gcs_swap(self, key: str, data: bytes | None, expected: Version) -> bool:
+    def _gcs_swap(self, key: str, data: bytes | None, expected: Version, unique: bool) -> bool:
         bucket, path, _ = self._fs.split_path(self._path(key))
         try:
             if data is None:
@@ -540,10 +559,10 @@ class Storage:
                 )
         except (FileNotFoundError, FileExistsError):
             # gcsfs raises FileExistsError for HTTP 412 (the generation did not match)
-            return False
+            return unique and self._wrote_this(key, data)
         except Exception as exc:
             if _is_precondition_failure(exc):
-                return False
+                return unique and self._wrote_this(key, data)
             raise
         finally:
             self._fs.invalidate_cache(self._path(key))

@@ -70,7 +70,7 @@ class RefStore:
             raise RefConflict(name, expected, current)
         if current is None:
             self._check_no_nesting(name)
-        if not self.storage.swap(key, value, version):
+        if not self.storage.swap(key, value, version, unique=True):
             raise RefConflict(name, expected, self.get_versioned(name)[0])
 
     def _check_no_nesting(self, name: str) -> None:
@@ -101,7 +101,7 @@ class RefStore:
             raise RefNotFound(name)
         if expected is not None and current != expected:
             raise RefConflict(name, expected, current)
-        if not self.storage.swap(_key(name), None, version):
+        if not self.storage.swap(_key(name), None, version, unique=True):
             raise RefConflict(name, expected or current, self.get_versioned(name)[0])
 
     def list(self, pattern: str | None = None) -> dict[str, ObjectId]:

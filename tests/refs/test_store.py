@@ -248,13 +248,13 @@ def _race(monkeypatch: pytest.MonkeyPatch, refs: RefStore, key: str, value: byte
     storage = refs.storage
     original = storage.swap
 
-    def racing_swap(k: str, data: bytes | None, expected: Version | None) -> bool:
+    def racing_swap(k: str, data: bytes | None, expected: Version | None, unique: bool = False) -> bool:
         monkeypatch.setattr(storage, "swap", original)  # race once
         if value is None:
             storage.delete(key)
         else:
             storage.write(key, value)
-        return original(k, data, expected)
+        return original(k, data, expected, unique)
 
     monkeypatch.setattr(storage, "swap", racing_swap)
 
