@@ -23,8 +23,11 @@ from keepsake.errors import (
     KeyNotFound,
     ObjectNotFound,
     PathNotFound,
+    DivergedRefs,
     RefConflict,
     RefNotFound,
+    RepositoryBusy,
+    RepositoryDamaged,
     RepositoryError,
     RepositoryExists,
     RepositoryNotFound,
@@ -64,6 +67,9 @@ PUBLIC = [
 #:   7     RefConflict
 #:   8     StorageError                KeyNotFound
 #:   9     CorruptObject               UnsafePath
+#:   10    RepositoryBusy              (another gc holds the lock)
+#:   11    RepositoryDamaged           (gc refused: reachable objects damaged)
+#:   12    DivergedRefs                (push/pull refused diverged refs)
 TREE: dict[type[KeepsakeError], tuple[type[Exception], int]] = {
     KeepsakeError: (Exception, 1),
     UsageError: (KeepsakeError, 2),
@@ -89,6 +95,9 @@ TREE: dict[type[KeepsakeError], tuple[type[Exception], int]] = {
     KeyNotFound: (StorageError, 8),
     CorruptObject: (KeepsakeError, 9),
     UnsafePath: (CorruptObject, 9),
+    RepositoryBusy: (KeepsakeError, 10),
+    RepositoryDamaged: (KeepsakeError, 11),
+    DivergedRefs: (KeepsakeError, 12),
 }
 
 #: One instance of every error, built as the library builds them.
@@ -116,6 +125,9 @@ SAMPLES: list[KeepsakeError] = [
     KeyNotFound("s3://b", "k"),
     CorruptObject("abc1234", "content does not hash to its id"),
     UnsafePath("abc1234", "../x"),
+    RepositoryBusy("s3://b", "pid 7 on box"),
+    RepositoryDamaged("s3://b", 2, "abc1234: referenced by ref tags/x"),
+    DivergedRefs("s3://b", [("experiments/abc", "both sides changed")]),
 ]
 
 
@@ -163,7 +175,7 @@ def test_families_have_distinct_exit_codes() -> None:
     assert len(codes) == len(set(codes))
     # 0 is success and 1 is fsck/show-ref's "found nothing good": no error family uses them
     assert not {0, 1} & set(codes)
-    assert sorted(codes) == [2, 3, 4, 5, 6, 7, 8, 9]
+    assert sorted(codes) == [2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12]
 
 
 def test_corruption_is_not_a_missing_object() -> None:
