@@ -10,7 +10,15 @@ import struct
 from dataclasses import dataclass
 
 from keepsake.errors import CorruptObject
-from keepsake.objects.codec import Codec, compress, compress_many, decompress
+from keepsake.objects.codec import (
+    Codec,
+    compress,
+    compress_many,
+    compress_many_parts,
+    decompress,
+    decompress_into,
+    new_buffer,
+)
 from keepsake.objects.ids import ObjectId, ObjectType, hash_object
 
 MAGIC = b"KSKO"
@@ -51,6 +59,45 @@ def seal_many(items: list[tuple[ObjectType, bytes | memoryview]]) -> list[tuple[
         (HEADER.pack(MAGIC, FORMAT_VERSION, int(otype), int(codec), 0, len(data), len(payload)), payload)
         for (otype, data), (codec, payload) in zip(items, coded)
     ]
+
+
+@dataclass(frozen=True)
+class SealedBatch:
+    """The envelopes of a batch back to back: item ``i`` is ``buffer[ends[i - 1] : ends[i]]``
+    (from 0 for the first). ``buffer`` may be longer than ``ends[-1]``."""
+
+    buffer: memoryview
+    ends: list[int]
+
+
+def seal_batch(items: list[tuple[ObjectType, bytes | memoryview]], buffer: memoryview | None = None) -> SealedBatch:
+    """Seal a batch into one buffer, reusing ``buffer`` when it is large enough.
+
+    Each payload part is copied once, from the codec's scratch (or from the item itself
+    when stored raw) into the buffer: :func:`seal_many` made a bytes object per item that
+    the pack builder then copied again. Reusing the buffer of an earlier batch also avoids
+    first-touch page faults, which cost more than the copy on the VMs measured (a fresh
+    64 MiB destination: 0.47 GB/s; a reused one: 10 GB/s).
+    """
+    coded = compress_many_parts([data for _, data in items])
+    total = sum(HEADER_SIZE + sum(len(p) for p in parts) for _, parts in coded)
+    if buffer is None or len(buffer) < total:
+        # headroom, so that a recycled buffer fits the next, slightly larger batches too
+        # (pages never written cost nothing: new_buffer does not zero them)
+        buffer = new_buffer(total + total // 8)
+    out = buffer
+    ends: list[int] = []
+    pos = 0
+    for (otype, data), (codec, parts) in zip(items, coded):
+        start = pos
+        pos += HEADER_SIZE
+        for part in parts:
+            n = len(part)
+            out[pos : pos + n] = part
+            pos += n
+        HEADER.pack_into(out, start, MAGIC, FORMAT_VERSION, int(otype), int(codec), 0, len(data), pos - start - HEADER_SIZE)
+        ends.append(pos)
+    return SealedBatch(buffer, ends)
 
 
 def seal_payload(object_type: ObjectType, codec: Codec, raw_length: int, payload: bytes) -> bytes:
@@ -95,3 +142,23 @@ def open_object(buf: bytes | memoryview, object_id: ObjectId) -> tuple[ObjectTyp
     if hash_object(object_type, content) != object_id:
         raise CorruptObject(object_id, "content does not hash to its id")
     return object_type, content
+
+
+def open_object_into(buf: bytes | memoryview, object_id: ObjectId, out: memoryview) -> ObjectType:
+    """Like :func:`open_object`, decoding into ``out`` (exactly the content's size).
+
+    Raises:
+        CorruptObject: as open_object, and when the envelope declares another size than
+            ``len(out)``.
+    """
+    header = read_header(buf, object_id)
+    if header.raw_length != len(out):
+        raise CorruptObject(object_id, f"is {header.raw_length} bytes, expected {len(out)}")
+    decompress_into(header.codec, memoryview(buf)[HEADER_SIZE:], out, object_id)
+    try:
+        object_type = ObjectType(header.object_type)
+    except ValueError:
+        raise CorruptObject(object_id, f"unknown object type {header.object_type}") from None
+    if hash_object(object_type, out) != object_id:
+        raise CorruptObject(object_id, "content does not hash to its id")
+    return object_type

@@ -17,6 +17,7 @@ from dataclasses import dataclass
 import xxhash
 
 from keepsake.errors import CorruptObject
+from keepsake.objects.codec import copy_into, new_buffer
 from keepsake.objects.envelope import HEADER_SIZE, seal, unseal
 from keepsake.objects.ids import ID_BYTES, ObjectId, ObjectType, id_from_bytes, id_to_bytes
 from keepsake.objects.wire import pack_msgpack, unpack_msgpack
@@ -61,17 +62,18 @@ def pack_id_of_key(key: str) -> PackId | None:
 class PackBuilder:
     """Collects envelopes into one buffer and produces a finished pack.
 
-    The buffer is preallocated and handed back through :meth:`recycle` once the finished
-    pack is stored, so steady-state packing copies each envelope once and allocates nothing.
+    The buffer is taken when the first envelope comes and handed back through
+    :meth:`recycle` once the finished pack is stored, so steady-state packing copies each
+    envelope once and allocates nothing: a writer that stores one pack while it fills the
+    next needs two buffers. A buffer is allocated uninitialised at full capacity, so
+    only the pages written are ever touched (a small write does not zero 32 MiB, and
+    there is no growing and copying); it grows only for an object past the capacity.
     """
-
-    #: first buffer size: a small write (a checkpoint of metrics) should not zero 32 MiB
-    INITIAL = 1 << 20
 
     def __init__(self, capacity: int) -> None:
         self._capacity = capacity
-        self._spare: list[bytearray] = []
-        self._buf = bytearray(min(capacity, self.INITIAL))
+        self._spare: list[memoryview] = []
+        self._buf: memoryview | None = None
         self._size = 0
         self._entries: list[tuple[ObjectId, ObjectType, int, int, int]] = []
 
@@ -83,13 +85,15 @@ class PackBuilder:
         return self._size
 
     def _append(self, part: bytes | bytearray | memoryview) -> None:
-        n = len(part)
-        end = self._size + n
-        if end > len(self._buf):
-            # grow geometrically up to the pack size: few copies, no big upfront zeroing
-            grow = max(end, min(self._capacity, 2 * len(self._buf))) - len(self._buf)
-            self._buf.extend(bytes(grow))
-        self._buf[self._size : end] = part
+        end = self._size + len(part)
+        buf = self._buf
+        if buf is None:
+            buf = self._buf = self._spare.pop() if self._spare else new_buffer(max(end, self._capacity))
+        if end > len(buf):
+            grown = new_buffer(max(end, 2 * len(buf)))
+            copy_into(grown, 0, buf[: self._size])
+            buf = self._buf = grown
+        copy_into(buf, self._size, part)
         self._size = end
 
     def add(self, object_id: ObjectId, object_type: ObjectType, raw_length: int, *parts: bytes) -> None:
@@ -98,23 +102,40 @@ class PackBuilder:
             self._append(part)
         self._entries.append((object_id, object_type, start, self._size - start, raw_length))
 
-    def finish(self) -> tuple[PackId, memoryview, list[PackEntry], bytearray]:
+    def add_run(self, data: bytes | bytearray | memoryview, items: Iterable[tuple[ObjectId, ObjectType, int, int]]) -> None:
+        """Add envelopes that lie back to back in ``data`` with one copy.
+
+        ``items`` gives (id, type, envelope length, raw length) of each, in order; their
+        lengths must add up to ``len(data)``.
+        """
+        at = self._size
+        entries = []
+        for object_id, object_type, length, raw_length in items:
+            entries.append((object_id, object_type, at, length, raw_length))
+            at += length
+        if at - self._size != len(data):
+            raise ValueError("envelope lengths do not add up to the data added")
+        self._append(data)
+        self._entries += entries
+
+    def finish(self) -> tuple[PackId, memoryview, list[PackEntry], memoryview]:
         """Append footer and trailer; return the pack id, its bytes, its entries, and the
         buffer to pass to :meth:`recycle` once the bytes are no longer needed."""
         footer = seal(ObjectType.PACK_FOOTER, pack_msgpack(_wire_entries(self._entries)))
         self._append(footer)
         self._append(TRAILER.pack(len(footer), PACK_MAGIC))
         buf = self._buf
-        data = memoryview(buf)[: self._size]
+        assert buf is not None  # the footer was appended
+        data = buf[: self._size]
         pack_id = PackId(xxhash.xxh3_128_hexdigest(data))
         entries = [PackEntry(i, t, pack_id, o, n, r) for i, t, o, n, r in self._entries]
-        self._buf = self._spare.pop() if self._spare else bytearray(min(self._capacity, self.INITIAL))
+        self._buf = None
         self._size = 0
         self._entries = []
         return pack_id, data, entries, buf
 
-    def recycle(self, buf: bytearray) -> None:
-        if len(self._spare) < 2:
+    def recycle(self, buf: memoryview) -> None:
+        if len(self._spare) < 2 and len(buf) <= 2 * self._capacity:
             self._spare.append(buf)
 
 

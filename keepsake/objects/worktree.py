@@ -18,9 +18,9 @@ from typing import BinaryIO, Protocol
 
 import pathspec
 
-from keepsake.errors import CheckoutConflict, CorruptObject, PathNotFound, UnsafePath
+from keepsake.errors import CheckoutConflict, PathNotFound, UnsafePath
 from keepsake.objects.chunking import Chunker
-from keepsake.objects.database import ObjectDB
+from keepsake.objects.database import BlobReader, ObjectDB
 from keepsake.objects.ids import ObjectId, ObjectType, hash_object
 from keepsake.objects.manifests import (
     INLINE_LIMIT,
@@ -261,50 +261,35 @@ def _clear_for(path: str, want_dir: bool) -> None:
         os.unlink(path)
 
 
-#: bytes gathered per writev() call when writing a file out
-_WRITE_BATCH = 8 << 20
-
-
 def write_file(db: ObjectDB, blob: Blob, path: str, executable: bool = False) -> None:
     """Write the content of ``blob`` to a new file at ``path`` (never through a symlink).
 
-    Each chunk's length is checked against the blob, so a damaged manifest cannot produce
-    a file of the wrong size. Chunks are written with one writev() per ~8 MiB.
+    The chunks are decoded ~8 MiB at a time on the database's workers straight into
+    reused buffers (:class:`BlobReader`), each written with one write() while the next
+    ones decode. Each chunk's size is checked against the blob, so a damaged manifest
+    cannot produce a file of the wrong size.
 
     Raises:
-        CorruptObject: a chunk's length differs from the one the blob records.
+        CorruptObject: a chunk is damaged, or its size differs from the one the blob records.
     """
     flags = os.O_WRONLY | os.O_CREAT | os.O_TRUNC | getattr(os, "O_NOFOLLOW", 0)
     fd = os.open(path, flags, 0o755 if executable else 0o644)
     try:
-        pending: list[bytes] = []
-        size = 0
-        expected = iter(blob.chunks)
-        for data in db.iter_blob(blob):
-            if blob.inline is None:
-                cid, length = next(expected)
-                if len(data) != length:
-                    raise CorruptObject(cid, f"is {len(data)} bytes, its blob says {length}")
-            pending.append(data)
-            size += len(data)
-            if size >= _WRITE_BATCH:
-                _write_all(fd, pending)
-                pending, size = [], 0
-        _write_all(fd, pending)
+        reader = BlobReader(db, blob)
+        try:
+            for view in reader.iter_views():
+                _write_all(fd, view)
+        finally:
+            reader.close()
         os.fchmod(fd, 0o755 if executable else 0o644)
     finally:
         os.close(fd)
 
 
-def _write_all(fd: int, buffers: list[bytes]) -> None:
-    while buffers:
-        written = os.writev(fd, buffers)
-        # writev may write less than asked: drop what was written and retry the rest
-        while buffers and written >= len(buffers[0]):
-            written -= len(buffers[0])
-            buffers = buffers[1:]
-        if buffers and written:
-            buffers[0] = buffers[0][written:]
+def _write_all(fd: int, data: memoryview) -> None:
+    while data:
+        # write may write less than asked: retry the rest
+        data = data[os.write(fd, data) :]
 
 
 def write_subpath(
