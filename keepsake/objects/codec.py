@@ -347,7 +347,7 @@ def decompress(codec: int, payload: bytes | memoryview, raw_length: int, object_
         if codec == Codec.RAW:
             out = bytes(payload)
         elif codec == Codec.ZSTD:
-            out = _decompressor().decompress(payload, max_output_size=raw_length) if raw_length else b""
+            out = _zstd_decompress(payload, raw_length)
         elif codec == Codec.BYTEGROUP:
             # bytearray(n) zero-fills; np.empty does not, and its buffer becomes the bytes
             buf = np.empty(raw_length, dtype=np.uint8)
@@ -377,7 +377,7 @@ def decompress_into(codec: int, payload: bytes | memoryview, out: memoryview, ob
                 raise CorruptObject(object_id, f"decoded to {len(payload)} bytes, expected {raw_length}")
             out[:] = payload
         elif codec == Codec.ZSTD:
-            data = _decompressor().decompress(payload, max_output_size=raw_length) if raw_length else b""
+            data = _zstd_decompress(payload, raw_length)
             if len(data) != raw_length:
                 raise CorruptObject(object_id, f"decoded to {len(data)} bytes, expected {raw_length}")
             out[:] = data
@@ -387,6 +387,23 @@ def decompress_into(codec: int, payload: bytes | memoryview, out: memoryview, ob
             raise CorruptObject(object_id, f"unknown codec {codec}")
     except zstandard.ZstdError as exc:
         raise CorruptObject(object_id, f"zstd: {exc}") from exc
+
+
+def _zstd_decompress(frame: bytes | memoryview, size: int) -> bytes:
+    """Decode one zstd frame that must hold exactly ``size`` bytes.
+
+    The size a frame header declares is checked before decoding: zstandard allocates what
+    the header says whatever ``max_output_size`` is, so a forged header could otherwise ask
+    for exabytes (FORMAT.md §3: decoding never produces more than the declared raw length).
+    """
+    declared = zstandard.frame_content_size(frame)  # -1: not in the header
+    if declared not in (-1, size):
+        raise zstandard.ZstdError(f"frame declares {declared} bytes, the envelope {size}")
+    # max_output_size 0 would mean "no limit": an empty result is asked for as "at most 1"
+    data = _decompressor().decompress(frame, max_output_size=max(size, 1))
+    if len(data) != size:
+        raise zstandard.ZstdError(f"frame decoded to {len(data)} bytes, expected {size}")
+    return data
 
 
 def _decompress_grouped_into(view: memoryview, out: np.ndarray[tuple[int], np.dtype[np.uint8]]) -> None:
@@ -399,7 +416,7 @@ def _decompress_grouped_into(view: memoryview, out: np.ndarray[tuple[int], np.dt
     """
     raw_length = len(out)
     if len(view) < 1:
-        raise ValueError("empty bytegroup payload")
+        raise zstandard.ZstdError("empty bytegroup payload")
     stride = view[0]
     if stride not in (2, 4, 8):
         raise zstandard.ZstdError(f"bad bytegroup stride {stride}")
@@ -409,7 +426,6 @@ def _decompress_grouped_into(view: memoryview, out: np.ndarray[tuple[int], np.dt
     if pos > len(view):
         raise zstandard.ZstdError("truncated bytegroup header")
     grid = out[:n].reshape(plane_len, stride)
-    dec = _decompressor()
     for i in range(stride):
         method, length = _PLANE_HEADER.unpack_from(view, 1 + _PLANE_HEADER.size * i)
         end = pos + length
@@ -417,7 +433,7 @@ def _decompress_grouped_into(view: memoryview, out: np.ndarray[tuple[int], np.dt
             raise zstandard.ZstdError("truncated bytegroup plane")
         body = view[pos:end]
         pos = end
-        plane = dec.decompress(body, max_output_size=plane_len) if method == 1 else body
+        plane = _zstd_decompress(body, plane_len) if method == 1 else body
         if len(plane) != plane_len:
             raise zstandard.ZstdError("bytegroup plane has the wrong size")
         grid[:, i] = np.frombuffer(plane, dtype=np.uint8)

@@ -140,11 +140,6 @@ def test_raw_length_zero_for_nonempty_content_is_corrupt(name: str) -> None:
         decompress(codec, payload, 0, OID)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG (codec.py): decompress(ZSTD, payload, raw_length=0) returns b'' without decoding the "
-    "payload, so a zstd envelope that declares 0 bytes but holds content is not reported as corrupt",
-)
 def test_zstd_raw_length_zero_for_nonempty_content_is_corrupt() -> None:
     codec, payload = compress(TEXT)
     assert codec == Codec.ZSTD
@@ -174,12 +169,6 @@ def test_empty_payload_is_corrupt(codec: Codec) -> None:
         decompress(codec, b"", 10, OID)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=ValueError,
-    reason="BUG (codec.py): _decompress_grouped raises ValueError('empty bytegroup payload'), which "
-    "decompress() does not turn into CorruptObject (it only catches zstandard.ZstdError)",
-)
 def test_empty_bytegroup_payload_is_corrupt() -> None:
     with pytest.raises(CorruptObject):
         decompress(Codec.BYTEGROUP, b"", 10, OID)
@@ -208,29 +197,16 @@ def _frame_declaring(content_size: int) -> bytes:
 
 
 def test_forged_frame_helper_is_a_valid_frame_for_its_true_size() -> None:
-    # sanity check of the helper the two xfail tests below rely on
+    # sanity check of the helper the two tests below rely on
     assert zstandard.ZstdDecompressor().decompress(_frame_declaring(100)) == b"x" * 100
     assert decompress(Codec.ZSTD, _frame_declaring(100), 100, OID) == b"x" * 100
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=MemoryError,
-    reason="BUG (codec.py): a zstd frame header declaring a huge content size makes zstandard "
-    "allocate that size regardless of max_output_size=raw_length: MemoryError (or a huge "
-    "allocation) instead of CorruptObject; decompress() should check the declared frame "
-    "size (zstandard.frame_content_size) against raw_length before decompressing",
-)
 def test_zstd_frame_declaring_huge_size_is_corrupt() -> None:
     with pytest.raises(CorruptObject):
         decompress(Codec.ZSTD, _frame_declaring(1 << 62), 100, OID)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=MemoryError,
-    reason="BUG (codec.py): same as for ZSTD, inside a zstd-compressed bytegroup plane",
-)
 def test_bytegroup_plane_declaring_huge_size_is_corrupt() -> None:
     frame = _frame_declaring(1 << 62)
     planes = [struct.pack("<BI", 1, len(frame))] + [struct.pack("<BI", 0, 25)] * 3
