@@ -25,6 +25,7 @@ loaded before the sweep still treats those objects as absent.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import socket
 import time
@@ -35,7 +36,7 @@ from dataclasses import dataclass, field
 
 import msgpack
 
-from keepsake.errors import CorruptObject, KeyNotFound, RepositoryBusy, RepositoryDamaged
+from keepsake.errors import CorruptObject, KeepsakeError, KeyNotFound, RepositoryBusy, RepositoryDamaged
 from keepsake.objects.envelope import open_object
 from keepsake.objects.graph import Reachable, Root, walk
 from keepsake.objects.ids import ObjectId
@@ -56,6 +57,8 @@ from keepsake.objects.sessions import (
     Marker,
     decode_doomed,
     encode_doomed,
+    pid_alive,
+    process_namespace,
     read_marker,
 )
 from keepsake.repository import Repository
@@ -113,7 +116,13 @@ class GcLock:
 
     def __init__(self, storage: Storage) -> None:
         self._storage = storage
-        self._doc = {"version": 1, "host": socket.gethostname(), "pid": os.getpid(), "started": time.time()}
+        self._doc = {
+            "version": 1,
+            "host": socket.gethostname(),
+            "pid": os.getpid(),
+            "ns": process_namespace(),
+            "started": time.time(),
+        }
         self._written = 0.0
 
     def _data(self) -> bytes:
@@ -128,9 +137,9 @@ class GcLock:
             data, version = self._storage.read_versioned(LOCK_KEY)
         except KeyNotFound:
             return self.acquire()  # released meanwhile
-        holder, updated = _describe_lock(data)
+        holder, updated, gone = _describe_lock(data)
         mtime = next((i.mtime for i in self._storage.list("gc/") if i.key == LOCK_KEY and i.mtime), 0.0)
-        if time.time() - max(updated, mtime) < LOCK_TIMEOUT:
+        if not gone and time.time() - max(updated, mtime) < LOCK_TIMEOUT:
             raise RepositoryBusy(self._storage.url, holder)
         if not self._storage.swap(LOCK_KEY, self._data(), version, unique=True):  # take over a dead gc's lock
             raise RepositoryBusy(self._storage.url, "another gc took over a stale lock first")
@@ -145,12 +154,16 @@ class GcLock:
         self._storage.delete(LOCK_KEY)
 
 
-def _describe_lock(data: bytes) -> tuple[str, float]:
+def _describe_lock(data: bytes) -> tuple[str, float, bool]:
+    """(who holds it, when it was last refreshed, whether its holder is known dead: a
+    process of this machine and PID namespace that no longer exists, e.g. a killed gc)."""
     try:
         doc = msgpack.unpackb(data, raw=False)
-        return f"pid {doc['pid']} on {doc['host']}", float(doc["updated"])
+        ns, pid = str(doc.get("ns", "")), int(doc["pid"])
+        gone = bool(ns) and ns == process_namespace() and pid > 0 and not pid_alive(pid)
+        return f"pid {pid} on {doc['host']}", float(doc["updated"]), gone
     except (ValueError, KeyError, TypeError, msgpack.ExtraData, msgpack.FormatError, msgpack.StackError):
-        return "unreadable lock", 0.0  # a damaged lock counts as stale
+        return "unreadable lock", 0.0, False  # a damaged lock counts as stale by age
 
 
 # -- one run --------------------------------------------------------------------------------
@@ -403,9 +416,16 @@ def collect_garbage(
         if not report.waiting_for:
             run.sweep_unindexed(report)
         run.stale_markers()
+        # files a killed local writer left mid-write (never listed, never read)
+        run.storage.remove_stale_temporaries(max(grace, MARKER_TIMEOUT))
         report.bytes_after = run.stored_bytes()
-    finally:
-        lock.release()
+    except BaseException:
+        # the error that stopped gc is the one to report; a lock we fail to release ages
+        # out (LOCK_TIMEOUT) or, on this machine, is taken over once we are gone
+        with contextlib.suppress(KeepsakeError):
+            lock.release()
+        raise
+    lock.release()
     return report
 
 

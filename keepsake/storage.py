@@ -20,6 +20,7 @@ import fcntl
 import os
 import posixpath
 import threading
+import time
 import uuid
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -398,6 +399,24 @@ class Storage:
             return False
         # object stores report a "directory" for a mere prefix ("d" while "d/x" exists)
         return bool(info.get("type") != "directory")
+
+    def remove_stale_temporaries(self, older_than: float) -> int:
+        """Delete local temporary files (left by a process killed mid-write) whose last
+        change is more than ``older_than`` seconds ago; returns how many. Other backends
+        have none: their writes are all or nothing on the server."""
+        if self.backend != "local" or not os.path.isdir(self._root):
+            return 0
+        removed = 0
+        cutoff = time.time() - older_than
+        for folder, _, files in os.walk(self._root):
+            for name in files:
+                if name.startswith(TEMP_PREFIX):
+                    path = os.path.join(folder, name)
+                    with contextlib.suppress(FileNotFoundError):
+                        if os.stat(path).st_mtime < cutoff:
+                            os.unlink(path)
+                            removed += 1
+        return removed
 
     # -- local disk --------------------------------------------------------------------------
 

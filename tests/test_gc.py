@@ -368,3 +368,45 @@ def test_a_marker_of_a_killed_local_writer_does_not_hold_gc_back(repo: Repositor
     store_dir(repo, tmp_path / "c", 3)
     report = collect_garbage(repo, grace=0, wait=0)
     assert report.deferred_objects > 0
+
+
+def test_a_lock_left_by_a_killed_gc_on_this_machine_is_taken_over(repo: Repository) -> None:
+    import subprocess
+    import sys
+
+    from keepsake.objects.sessions import process_namespace
+
+    child = subprocess.Popen([sys.executable, "-c", "pass"])
+    child.wait()
+    doc = {"version": 1, "host": "here", "pid": child.pid, "ns": process_namespace(), "started": time.time(),
+           "updated": time.time()}
+    repo.storage.write(LOCK_KEY, msgpack.packb(doc))
+    collect_garbage(repo, grace=0)  # no RepositoryBusy: its holder is gone
+    assert repo.storage.list(LOCK_KEY) == []
+
+
+def test_stale_temporary_files_of_killed_local_writes_are_removed(tmp_path: Path) -> None:
+    repo = Repository.init(str(tmp_path / "repo"))
+    old = tmp_path / "repo" / "packs" / ".tmp-dead"
+    old.parent.mkdir(parents=True, exist_ok=True)
+    old.write_bytes(b"half a pack")
+    os.utime(old, (time.time() - 3600, time.time() - 3600))
+    fresh = tmp_path / "repo" / ".tmp-writing"
+    fresh.write_bytes(b"being written")
+    collect_garbage(repo, grace=0)
+    assert not old.exists() and fresh.exists()
+
+
+def test_the_error_that_stopped_gc_is_reported_not_the_failed_cleanup(repo: Repository, monkeypatch: pytest.MonkeyPatch) -> None:
+    from keepsake.errors import StorageError
+
+    def broken(self: object, *args: object) -> Any:
+        raise StorageError(repo.url, "list refs/", "connection reset")
+
+    def no_release(self: object) -> None:
+        raise StorageError(repo.url, "delete gc/lock", "connection reset")
+
+    monkeypatch.setattr(gc_module._Run, "stored_bytes", broken)
+    monkeypatch.setattr(gc_module.GcLock, "release", no_release)
+    with pytest.raises(StorageError, match="list refs/"):
+        collect_garbage(repo, grace=0)

@@ -345,8 +345,8 @@ class ObjectDB:
 
     # -- writes -----------------------------------------------------------------------------
 
-    def writer(self, pack_size: int = PACK_SIZE) -> ObjectWriter:
-        return ObjectWriter(self, pack_size)
+    def writer(self, pack_size: int | None = None) -> ObjectWriter:
+        return ObjectWriter(self, pack_size or PACK_SIZE)  # read at call time: tests may set it
 
     def _publish(self, index_id: str, packs: dict[PackId, list[PackEntry]], data: bytes) -> None:
         self.storage.write(index_key(index_id), data)

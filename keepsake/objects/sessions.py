@@ -271,8 +271,19 @@ class OperationScope:
         try:
             self._snapshot()
             yield op
-        finally:
-            self._local.op = None
-            with self._live_lock:
-                self._live.discard(op)
+        except BaseException:
+            self._end(op, quiet=True)  # the error that stopped the operation is the one to see
+            raise
+        else:
+            self._end(op, quiet=False)
+
+    def _end(self, op: Operation, quiet: bool) -> None:
+        self._local.op = None
+        with self._live_lock:
+            self._live.discard(op)
+        try:
             op.end()
+        except KeepsakeError:
+            if not quiet:
+                raise
+            # the marker stays behind; it ages out (MARKER_TIMEOUT) and gc removes it
