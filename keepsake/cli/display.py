@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import math
+import sys
+import time
 from collections.abc import Sequence
 from datetime import date, datetime, timezone
 from typing import Any
@@ -128,3 +130,37 @@ def format_fields(pairs: Sequence[tuple[str, str]], indent: str = "") -> list[st
         return []
     width = max(len(name) for name, _ in pairs) + 1
     return [f"{indent}{(name + ':').ljust(width)}  {value}".rstrip() for name, value in pairs]
+
+
+class ByteProgress:
+    """``checkout: wrote 1.2 GiB (850 MB/s)`` on one self-overwriting stderr line, only when
+    stderr is a terminal and the work lasts more than a moment; cleared by :meth:`close`."""
+
+    #: redraw at most this often, and start drawing only after this long (seconds)
+    EVERY = 0.1
+    AFTER = 1.0
+
+    def __init__(self, verb: str, enabled: bool = True) -> None:
+        self._verb = verb
+        self._enabled = enabled and sys.stderr.isatty()
+        self._start = time.monotonic()
+        self._last = 0.0
+        self._done = 0
+        self._drawn = False
+
+    def __call__(self, n: int) -> None:
+        self._done += n
+        if not self._enabled:
+            return
+        now = time.monotonic()
+        if now - self._start < self.AFTER or now - self._last < self.EVERY:
+            return
+        self._last = now
+        rate = self._done / max(now - self._start, 1e-9)
+        click.echo(f"\r\x1b[K{self._verb}: wrote {format_bytes(self._done)} ({format_bytes(rate)}/s)", err=True, nl=False)
+        self._drawn = True
+
+    def close(self) -> None:
+        if self._drawn:
+            click.echo("\r\x1b[K", err=True, nl=False)
+

@@ -9,7 +9,7 @@ from typing import Any
 
 import click
 
-from keepsake.cli.display import echo_json, format_bytes
+from keepsake.cli.display import ByteProgress, echo_json, format_bytes
 from keepsake.cli.session import Session, pass_session
 from keepsake.errors import InvalidObjectId, ObjectNotFound, PathNotFound, RepositoryNotFound
 from keepsake.gc import repair as repair_repository
@@ -271,7 +271,13 @@ def checkout_tree_command(session: Session, force: bool, tree: str, directory: s
     """
     repo = session.repo
     tree_id = repo.resolve(tree, ObjectType.TREE)
-    count = checkout_tree(repo.objects, tree_id, directory, force=force)
+    progress = ByteProgress("checkout-tree")
+    repo.objects.progress = progress
+    try:
+        count = checkout_tree(repo.objects, tree_id, directory, force=force)
+    finally:
+        repo.objects.progress = None
+        progress.close()
     click.echo(f"Checked out {count} files into {directory}", err=True)
 
 

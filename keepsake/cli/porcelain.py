@@ -19,6 +19,7 @@ from typing import Any, TypeVar
 import click
 
 from keepsake.cli.display import (
+    ByteProgress,
     dump_json,
     echo_json,
     format_ago,
@@ -825,10 +826,16 @@ def checkout_command(session: Session, directory: str, force: bool, path: str | 
         best = found.best()
         checkpoint = best or found.latest()
         how = "best checkpoint" if best else "latest checkpoint"
-    if path is not None:
-        count = checkout_path(directory, experiment, checkpoint, path, force)
-    else:
-        count = checkout_all(directory, experiment, checkpoint, force)
+    progress = ByteProgress("checkout")
+    project.repo.objects.progress = progress
+    try:
+        if path is not None:
+            count = checkout_path(directory, experiment, checkpoint, path, force)
+        else:
+            count = checkout_all(directory, experiment, checkpoint, force)
+    finally:
+        project.repo.objects.progress = None
+        progress.close()
     source = f"experiment {experiment.short_id}"
     if checkpoint is not None:
         source += f" and its {how} {checkpoint.short_id}"

@@ -14,7 +14,7 @@ import io
 import os
 import threading
 from collections import deque
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 
@@ -78,6 +78,9 @@ class ObjectDB:
         self._loaded = False
         self._lock = threading.Lock()
         self._pool: ThreadPoolExecutor | None = None
+        #: called with a byte count as file contents are written out (checkout); the CLI
+        #: sets it to draw a progress line
+        self.progress: Callable[[int], None] | None = None
         self.doomed = DoomedLists(storage, cache)
         #: ``with db.operation():`` holds one write operation's marker (FORMAT.md §11)
         self.operation = OperationScope(storage, self.doomed, self.refresh)

@@ -279,6 +279,8 @@ def write_file(db: ObjectDB, blob: Blob, path: str, executable: bool = False) ->
         try:
             for view in reader.iter_views():
                 _write_all(fd, view)
+                if db.progress is not None:
+                    db.progress(len(view))
         finally:
             reader.close()
         os.fchmod(fd, 0o755 if executable else 0o644)
