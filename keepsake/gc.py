@@ -263,7 +263,7 @@ class _Run:
                 if not gone(pack_id):
                     kept.setdefault(pack_id, entries)
         if kept:
-            new_id, data = encode_index(kept)
+            new_id, data = encode_index(kept, nonce=os.urandom(16))
             self.storage.write(index_key(new_id), data)
         else:
             new_id = ""
@@ -289,10 +289,13 @@ class _Run:
     def sweep(self, dead: set[ObjectId], candidates: set[PackId], report: GcReport) -> set[PackId]:
         """Delete the dead objects of ``candidates``; returns the packs deleted."""
         files = self.index_files()
+        present = set(self.packs())  # after the index files: see tidy
         by_pack: dict[PackId, dict[ObjectId, PackEntry]] = defaultdict(dict)
         copies: dict[ObjectId, set[PackId]] = defaultdict(set)
         for packs in files.values():
             for pack_id, entries in packs.items():
+                if pack_id not in present:
+                    continue  # a stale entry (a merge made from files read before a sweep): no copy
                 for e in entries:
                     by_pack[pack_id][e.id] = e
                     copies[e.id].add(pack_id)
@@ -340,10 +343,18 @@ class _Run:
         return removing
 
     def sweep_unindexed(self, report: GcReport) -> None:
-        """Delete packs no index names, left by writers that died before writing their index."""
-        indexed = {p for packs in self.index_files().values() for p in packs}
+        """Delete packs no index names, left by writers that died before writing their index.
+
+        Listed in this order: packs, then markers, then index files. A pack that no index
+        listed last names belongs to a writer that had not written its index by then, so
+        had not ended its operation when markers were listed (a writer writes its index
+        before it ends), and its marker, created before the pack, was listed. (Listing
+        index files first lost a pack whose writer wrote its index and ended in between.)
+        """
+        packs = self.packs()
         starts = [m.started for m, mtime in self.markers() if self.live(m, mtime)]
-        for pack_id, info in sorted(self.packs().items()):
+        indexed = {p for files in self.index_files().values() for p in files}
+        for pack_id, info in sorted(packs.items()):
             if pack_id in indexed or not self.old(info):
                 continue
             written = info.mtime if info.mtime is not None else self.started

@@ -62,10 +62,22 @@ def fsck(repo: Repository, progress: Callable[[str], None] | None = None) -> Fsc
     db.refresh(full=True, damaged=bad_indexes)
     for index_id, reason in sorted(bad_indexes.items()):
         report.problems.append(Problem("corrupt-index", index_id, "index", reason))
-    entries = db.entries()
-    by_pack: dict[PackId, list[PackEntry]] = defaultdict(list)
-    for e in entries.values():
-        by_pack[e.pack].append(e)
+    entries = db.entries()  # the copy of each object that readers use
+    # every copy an index names (an object may be in several packs: gc's repacking, two
+    # writers storing it at once); only damage to the copy readers use is damage
+    copies: dict[PackId, dict[ObjectId, PackEntry]] = defaultdict(dict)
+    for packs in db.index_files().values():
+        for named, pack_entries in packs.items():
+            for e in pack_entries:
+                copies[named][e.id] = e
+    by_pack: dict[PackId, list[PackEntry]] = {named: list(members.values()) for named, members in copies.items()}
+
+    def note_damage(e: PackEntry, reason: str) -> None:
+        if entries.get(e.id) == e:
+            damage[e.id] = reason
+        else:
+            report.problems.append(Problem("corrupt-copy", e.id, e.type.label, f"a spare copy in pack {e.pack}: {reason}"))
+
     listed = {pid: info.size for info in repo.storage.list("packs/") if (pid := pack_id_of_key(info.key))}
 
     damage: dict[ObjectId, str] = {}
@@ -75,29 +87,29 @@ def fsck(repo: Repository, progress: Callable[[str], None] | None = None) -> Fsc
             progress(f"checking pack {n + 1}/{len(by_pack)}")
         if pack_id not in listed:
             for e in pentries:
-                damage[e.id] = f"its pack {pack_id} is missing"
+                note_damage(e, f"its pack {pack_id} is missing")
             continue
         try:
             data = repo.storage.read(pack_key(pack_id))
         except KeyNotFound:
             for e in pentries:
-                damage[e.id] = f"its pack {pack_id} is missing"
+                note_damage(e, f"its pack {pack_id} is missing")
             continue
         if xxhash.xxh3_128_hexdigest(data) != pack_id:
             report.problems.append(Problem("corrupt-pack", pack_id, "pack", "pack bytes do not hash to its name"))
         for e in pentries:
             report.objects_checked += 1
             if e.end > len(data):
-                damage[e.id] = f"its pack {pack_id} is truncated"
+                note_damage(e, f"its pack {pack_id} is truncated")
                 continue
             try:
                 otype, content = open_object(data[e.offset : e.end], e.id)
             except CorruptObject as exc:
-                damage[e.id] = exc.reason
+                note_damage(e, exc.reason)
                 continue
             report.bytes_checked += len(content)
             if otype != e.type:
-                damage[e.id] = f"stored as a {otype.label}, indexed as a {e.type.label}"
+                note_damage(e, f"stored as a {otype.label}, indexed as a {e.type.label}")
             elif otype != ObjectType.CHUNK:
                 contents[e.id] = content
 

@@ -265,3 +265,17 @@ def test_count_objects_ignores_unindexed_objects_but_counts_the_pack(tmp_path: P
 def test_problem_line() -> None:
     assert Problem("unreachable", "abc", "blob", "").line() == "unreachable blob abc"
     assert Problem("corrupt", "abc", "tree", "why").line() == "corrupt tree abc: why"
+
+
+def test_a_second_copy_of_an_object_in_another_pack_is_not_an_unindexed_pack(tmp_path: Path) -> None:
+    """gc's repacking (or two writers at once) can leave an object in two packs, both indexed."""
+    repo = Repository.init(str(tmp_path / "repo"))
+    oid = put(repo, ObjectType.CHUNK, b"weights" * 1000)
+    entry = repo.objects.locate(oid)
+    envelope = repo.objects.read_envelopes([entry])[0]
+    with repo.objects.writer(pack_size=1 << 20) as writer:
+        writer.put_sealed(entry, envelope, dedup=False)
+        writer.put(ObjectType.CHUNK, b"other" * 100)  # a different pack content than the first
+    report = fsck(Repository.open(str(tmp_path / "repo")))
+    assert kinds(report) == ["unreachable", "unreachable"]
+    assert report.objects_checked == 3

@@ -375,19 +375,21 @@ class ObjectDB:
         for index_id in small:
             for pack_id, entries in self._indexes[index_id].items():
                 merged.setdefault(pack_id, entries)
-        new_id, data = encode_index(merged)
+        # a name only this merge can produce: it may have to take its file back (below)
+        new_id, data = encode_index(merged, nonce=os.urandom(16))
         self.storage.write(index_key(new_id), data)
+        # If a source vanished meanwhile, gc rewrote it (or another merge took it): the
+        # merged file may name packs gc is deleting, possibly after gc's last look at the
+        # index files. Take it back and keep the sources (FORMAT.md §7, §11).
+        still = {info.key.rsplit("/", 1)[-1] for info in self.storage.list("index/")}
+        if not all(index_id in still for index_id in small):
+            self.storage.delete(index_key(new_id))
+            return 0
         if self._cache:
             self._cache.put(index_key(new_id), data)
         with self._lock:
             self._indexes[new_id] = merged
         self._index_sizes[new_id] = len(data)
-        # If gc replaced a source meanwhile, the merged file may name a pack gc is about to
-        # delete: keep the sources (duplicates are harmless) and let gc's index clean-up
-        # see the merged file (FORMAT.md §11).
-        still = {info.key.rsplit("/", 1)[-1] for info in self.storage.list("index/")}
-        if not all(index_id in still for index_id in small):
-            return 0
         for index_id in small:
             if index_id != new_id:
                 self.storage.delete(index_key(index_id))

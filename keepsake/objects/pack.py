@@ -185,15 +185,21 @@ def read_pack_footer(pack_id: PackId, tail: bytes, pack_size: int) -> list[PackE
     return _parse_wire_entries(pack_id, unpack_msgpack(content, pack_id), pack_id, pack_size - footer_len - TRAILER.size)
 
 
-def encode_index(packs: dict[PackId, list[PackEntry]]) -> tuple[str, bytes]:
-    """Encode an index file for ``packs``; returns (index id, file bytes)."""
-    doc = {
+def encode_index(packs: dict[PackId, list[PackEntry]], nonce: bytes | None = None) -> tuple[str, bytes]:
+    """Encode an index file for ``packs``; returns (index id, file bytes).
+
+    ``nonce`` (random bytes) gives the file a name no other writer's file can have, so its
+    writer may delete it again safely (a merge that lost a race with gc, FORMAT.md §7).
+    """
+    doc: dict[str, object] = {
         "version": INDEX_VERSION,
         "packs": [
             [id_to_bytes(pid), _wire_entries((e.id, e.type, e.offset, e.length, e.raw_length) for e in entries)]
             for pid, entries in sorted(packs.items())
         ],
     }
+    if nonce is not None:
+        doc["nonce"] = nonce
     content = pack_msgpack(doc)
     index_id = xxhash.xxh3_128_hexdigest(content, seed=int(ObjectType.INDEX))
     return index_id, seal(ObjectType.INDEX, content)
