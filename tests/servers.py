@@ -186,7 +186,8 @@ class GCSServer:
         return self._proc is not None and self._proc.poll() is None
 
     def _command(self) -> list[str]:
-        cmd = [sys.executable, "-m", "gcp_storage_emulator"]
+        # the emulator with its multipart parsing fixed (tests/gcs_emulator.py)
+        cmd = [sys.executable, "-m", "tests.gcs_emulator"]
         if self.data_dir is not None:
             cmd += ["--data-dir", str(Path(self.data_dir).resolve())]  # must be absolute
         cmd += ["start", "--host", HOST, "--port", str(self.port), "--quiet"]
@@ -201,6 +202,7 @@ class GCSServer:
         self._log = tempfile.TemporaryFile()
         self._proc = subprocess.Popen(
             self._command(),
+            cwd=str(Path(__file__).resolve().parent.parent),  # so "-m tests.gcs_emulator" imports
             stdin=subprocess.DEVNULL,
             stdout=self._log,
             stderr=subprocess.STDOUT,

@@ -527,8 +527,7 @@ def test_a_value_of_several_multipart_parts_round_trips(storage: Storage, monkey
 
 
 def test_write_many_and_read_many_keep_order_and_report_missing_keys(storage: Storage) -> None:
-    # (letters: gcp-storage-emulator drops a value's trailing b"\r", real GCS does not)
-    items = [(f"objects/k{i:03d}", bytes([65 + i % 26]) * (i + 1)) for i in range(40)]
+    items = [(f"objects/k{i:03d}", bytes([i]) * (i + 1)) for i in range(40)]
     storage.write_many(items)
     keys = [k for k, _ in reversed(items)]
     assert storage.read_many(keys) == [v for _, v in reversed(items)]
@@ -540,3 +539,11 @@ def test_write_many_and_read_many_keep_order_and_report_missing_keys(storage: St
         storage.write_many([("objects/ok", b"x"), ("../escape", b"y")])
     with pytest.raises(KeyNotFound):
         storage.read("objects/ok")  # nothing was written: keys are checked first
+
+
+@pytest.mark.parametrize("value", [b"ab\r", b"\r" * 3, b"x\r\n", b"\n"])
+def test_values_ending_in_line_breaks_round_trip(storage: Storage, value: bytes) -> None:
+    # gcp-storage-emulator itself dropped a trailing b"\r"; the tests run it with a fixed
+    # multipart parser (tests/gcs_emulator.py), as real GCS keeps every byte
+    storage.write("k", value)
+    assert storage.read("k") == value
