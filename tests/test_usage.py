@@ -157,8 +157,10 @@ def test_manifests_are_read_in_batches_and_chunks_never(project: Project, monkey
     usage = compute_usage(fresh(project).repo)
     assert usage.experiments
     assert all(e.type != ObjectType.CHUNK for batch in calls for e in batch)
-    # one batch per level of the graph: ref -> head -> checkpoint/experiment -> tree -> blob
-    assert 1 <= len(calls) <= 6
+    # one batch per level of the graph under the refs: heads, then experiment and checkpoint
+    # records, then their trees (code, saved files), then the blobs in those trees
+    assert len(calls) == 4
+    assert [len(batch) for batch in calls][0] == len(usage.experiments)  # one head each
     read = {e.id for batch in calls for e in batch}
     assert sum(len(batch) for batch in calls) == len(read)  # nothing read twice
 
