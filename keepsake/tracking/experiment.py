@@ -22,6 +22,7 @@ from types import TracebackType
 from typing import TYPE_CHECKING, Any
 
 from keepsake.errors import CheckoutConflict, InvalidArgument, ObjectNotFound, RefConflict
+from keepsake.objects.chunking import Chunker
 from keepsake.objects.database import ObjectDB, ObjectWriter
 from keepsake.objects.ids import ObjectId, ObjectType
 from keepsake.objects.manifests import check_entry_name
@@ -392,23 +393,36 @@ class Experiment:
             repo = self.project.repo
             # one operation from dedup snapshot to ref update: gc protects what it relies on
             with repo.objects.operation(), repo.objects.writer() as writer:
-                files = None
-                if relpath is not None:
-                    files, _ = write_subpath(writer, repo.chunker, self.project.directory, relpath)
-                record = CheckpointRecord(
-                    experiment=self.id,
-                    created=utc_now(),
-                    step=step,
-                    metrics=metrics_n,
-                    primary_metric=primary,
-                    path=relpath,
-                    files=files,
-                    parent=previous[-1].id if previous else None,
-                )
-                checkpoint_id = writer.put(ObjectType.CHECKPOINT, record.encode())
-                entry = CheckpointSummary.of(checkpoint_id, record)
-                self._publish(lambda ids: ids + (checkpoint_id,), "running", added=entry, writer=writer)
+                entry = self._write_checkpoint(writer, repo.chunker, relpath, step, metrics_n, primary)
+                self._publish(lambda ids: ids + (entry.id,), "running", added=entry, writer=writer)
             return Checkpoint(self, entry)
+
+    def _write_checkpoint(
+        self,
+        writer: ObjectWriter,
+        chunker: Chunker,
+        relpath: str | None,
+        step: int,
+        metrics: dict[str, Any],
+        primary: tuple[str, str] | None,
+    ) -> CheckpointSummary:
+        """Store the saved files and the checkpoint record with ``writer`` (the repository's
+        own or the spool's); returns the new checkpoint's summary. Caller holds self._lock."""
+        files = None
+        if relpath is not None:
+            files, _ = write_subpath(writer, chunker, self.project.directory, relpath)
+        previous = self._summary.checkpoints
+        record = CheckpointRecord(
+            experiment=self.id,
+            created=utc_now(),
+            step=step,
+            metrics=metrics,
+            primary_metric=primary,
+            path=relpath,
+            files=files,
+            parent=previous[-1].id if previous else None,
+        )
+        return CheckpointSummary.of(writer.put(ObjectType.CHECKPOINT, record.encode()), record)
 
     def stop(self, status: str = "stopped") -> None:
         """Mark the experiment stopped (or failed) and stop its heartbeat. Idempotent."""
@@ -547,24 +561,9 @@ class Experiment:
     ) -> CheckpointSummary:
         """checkpoint() into the spool: the same objects and head as a direct checkpoint,
         stored locally; the uploader sends them (caller holds self._lock)."""
-        previous = self._summary.checkpoints
         repo = spool.repo
         with spool.write_lock, repo.objects.operation(), repo.objects.writer() as writer:
-            files = None
-            if relpath is not None:
-                files, _ = write_subpath(writer, repo.chunker, self.project.directory, relpath)
-            record = CheckpointRecord(
-                experiment=self.id,
-                created=utc_now(),
-                step=step,
-                metrics=metrics,
-                primary_metric=primary,
-                path=relpath,
-                files=files,
-                parent=previous[-1].id if previous else None,
-            )
-            checkpoint_id = writer.put(ObjectType.CHECKPOINT, record.encode())
-            entry = CheckpointSummary.of(checkpoint_id, record)
+            entry = self._write_checkpoint(writer, repo.chunker, relpath, step, metrics, primary)
             self._record_spooled(spool, writer, self._summary.checkpoints + (entry,), "running")
         return entry
 
