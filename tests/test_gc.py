@@ -108,16 +108,22 @@ def test_dry_run_changes_nothing_and_predicts_the_real_run(repo: Repository, tmp
     assert plan.freed == pytest.approx(real.freed, rel=0.05)
 
 
-def test_mostly_dead_pack_is_repacked_and_its_live_objects_survive(repo: Repository, tmp_path: Path) -> None:
-    # one writer, one pack: a small live file next to a big dead one
-    (tmp_path / "src").mkdir()
-    (tmp_path / "src" / "live.bin").write_bytes(random.Random(5).randbytes(20_000))
-    (tmp_path / "src" / "dead.bin").write_bytes(random.Random(6).randbytes(400_000))
+def live_next_to_dead(repo: Repository, root: Path, live_size: int, dead_size: int) -> ObjectId:
+    """One writer, one pack: a file kept by a tag next to one nothing reaches; returns the
+    kept file's blob id."""
+    root.mkdir()
+    (root / "live.bin").write_bytes(random.Random(5).randbytes(live_size))
+    (root / "dead.bin").write_bytes(random.Random(6).randbytes(dead_size))
     with repo.objects.writer() as writer:
-        _, tree = write_tree(writer, repo.chunker, str(tmp_path / "src"))
+        _, tree = write_tree(writer, repo.chunker, str(root))
     live = next(e.id for e in tree.entries if e.name == "live.bin")
     assert live is not None
     repo.refs.set("tags/live", live, None)
+    return live
+
+
+def test_mostly_dead_pack_is_repacked_and_its_live_objects_survive(repo: Repository, tmp_path: Path) -> None:
+    live = live_next_to_dead(repo, tmp_path / "src", 20_000, 400_000)
     assert len(repo.storage.list("packs/")) == 1
     old_pack = repo.storage.list("packs/")[0].key
 
@@ -132,14 +138,7 @@ def test_mostly_dead_pack_is_repacked_and_its_live_objects_survive(repo: Reposit
 
 
 def test_mostly_live_pack_is_kept_as_is(repo: Repository, tmp_path: Path) -> None:
-    (tmp_path / "src").mkdir()
-    (tmp_path / "src" / "live.bin").write_bytes(random.Random(5).randbytes(400_000))
-    (tmp_path / "src" / "dead.bin").write_bytes(random.Random(6).randbytes(20_000))
-    with repo.objects.writer() as writer:
-        _, tree = write_tree(writer, repo.chunker, str(tmp_path / "src"))
-    live = next(e.id for e in tree.entries if e.name == "live.bin")
-    assert live is not None
-    repo.refs.set("tags/live", live, None)
+    live = live_next_to_dead(repo, tmp_path / "src", 400_000, 20_000)
     packs = [i.key for i in repo.storage.list("packs/")]
     report = collect_garbage(repo, grace=0)
     assert report.packs_partly_dead == 1 and report.packs_deleted == 0
@@ -147,14 +146,7 @@ def test_mostly_live_pack_is_kept_as_is(repo: Repository, tmp_path: Path) -> Non
 
 
 def test_a_reader_with_an_old_index_finds_repacked_objects(repo: Repository, tmp_path: Path) -> None:
-    (tmp_path / "src").mkdir()
-    (tmp_path / "src" / "live.bin").write_bytes(random.Random(5).randbytes(20_000))
-    (tmp_path / "src" / "dead.bin").write_bytes(random.Random(6).randbytes(400_000))
-    with repo.objects.writer() as writer:
-        _, tree = write_tree(writer, repo.chunker, str(tmp_path / "src"))
-    live = next(e.id for e in tree.entries if e.name == "live.bin")
-    assert live is not None
-    repo.refs.set("tags/live", live, None)
+    live = live_next_to_dead(repo, tmp_path / "src", 20_000, 400_000)
     reader = reopen(repo)
     blob = reader.objects.get_blob(live)  # loads the index before gc moves things
     collect_garbage(repo, grace=0)
