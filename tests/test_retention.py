@@ -26,7 +26,6 @@ from keepsake.cli.usage import (
 )
 from keepsake.errors import InvalidArgument
 from keepsake.maintenance import fsck
-from keepsake.objects.database import ObjectDB, ObjectWriter
 from keepsake.refs.store import RefStore
 from keepsake.tracking.experiment import Experiment
 from keepsake.tracking.project import Project
@@ -34,15 +33,9 @@ from keepsake.tracking.retention import RetentionPolicy, plan_retention
 from keepsake.tracking.summary import SummaryCache, build_summary
 from tests.conftest import BackendURL
 
+from tests.test_usage import _small_packs  # noqa: E402,F401 (autouse fixture, shared)
+
 LOCAL_AND_MEMORY = pytest.mark.parametrize("backend_url", ["memory", "local"], indirect=True)
-
-
-@pytest.fixture(autouse=True)
-def _small_packs(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
-    # Speed only: every writer preallocates a whole pack's buffer (tens of MiB).
-    monkeypatch.setattr(ObjectDB, "writer", lambda self, pack_size=1 << 20: ObjectWriter(self, pack_size))
-    monkeypatch.delenv("KEEPSAKE_REPOSITORY", raising=False)
-    monkeypatch.setenv("KEEPSAKE_CACHE_DIR", str(tmp_path / "cache"))
 
 
 @pytest.fixture

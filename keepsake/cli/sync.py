@@ -252,7 +252,7 @@ def pull_command(
 
     URL defaults to "remote:" in keepsake.yaml. Only what is missing here is fetched; the
     project's repository is created if it does not exist. Refs changed on both sides are
-    refused (exit 10) unless --force.
+    refused (exit 12) unless --force.
 
     \b
     Example:
