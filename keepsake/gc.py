@@ -3,10 +3,10 @@
 One run, in order (each step is safe to interrupt; the next run picks up from the state it
 left):
 
-1. take the gc lock ``gc/lock`` (create-only; a lock with no sign of life for
-   LOCK_TIMEOUT is taken over);
-2. mark: walk everything reachable from refs. A damaged graph stops gc here, changing
+1. mark: walk everything reachable from refs. A damaged graph stops gc here, changing
    nothing: what lies below a missing object would look like garbage;
+2. take the gc lock ``gc/lock`` (create-only; a lock with no sign of life for
+   LOCK_TIMEOUT is taken over);
 3. tidy up after earlier runs: index entries naming packs that no longer exist are dropped
    (they would make writers skip objects that are gone), then earlier doomed lists removed;
 4. doom the unreachable objects of packs older than the grace period: publish them as a
@@ -188,7 +188,9 @@ class _Run:
         return {pid: info for info in self.storage.list("packs/") if (pid := pack_id_of_key(info.key))}
 
     def index_files(self) -> dict[str, dict[PackId, list[PackEntry]]]:
-        self.db.refresh(full=True)
+        """The index files as listed now (a refresh drops the vanished ones and reads only
+        the new ones)."""
+        self.db.refresh()
         return self.db.index_files()
 
     def markers(self) -> list[tuple[Marker, float | None]]:
@@ -290,29 +292,20 @@ class _Run:
         """Delete the dead objects of ``candidates``; returns the packs deleted."""
         files = self.index_files()
         present = set(self.packs())  # after the index files: see tidy
-        by_pack: dict[PackId, dict[ObjectId, PackEntry]] = defaultdict(dict)
+        by_pack = _objects_by_pack(files, present)  # copies count only in packs that exist
         copies: dict[ObjectId, set[PackId]] = defaultdict(set)
-        for packs in files.values():
-            for pack_id, entries in packs.items():
-                if pack_id not in present:
-                    continue  # a stale entry (a merge made from files read before a sweep): no copy
-                for e in entries:
-                    by_pack[pack_id][e.id] = e
-                    copies[e.id].add(pack_id)
+        for pack_id, members in by_pack.items():
+            for oid in members:
+                copies[oid].add(pack_id)
         removing: set[PackId] = set()
         repack: set[PackId] = set()
         for pack_id in candidates & set(by_pack):
-            members = by_pack[pack_id]
-            dead_bytes = sum(e.length for oid, e in members.items() if oid in dead)
-            if not dead_bytes:
-                continue
-            live_bytes = sum(e.length for oid, e in members.items() if oid not in dead)
-            if not live_bytes:
+            fate, _ = _fate(by_pack[pack_id], dead)
+            if fate in ("delete", "repack"):
                 removing.add(pack_id)
-            elif live_bytes < REPACK_BELOW * (live_bytes + dead_bytes):
-                removing.add(pack_id)
+            if fate == "repack":
                 repack.add(pack_id)
-            else:
+            elif fate == "partly-dead":
                 report.packs_partly_dead += 1
         # live objects whose every copy is in a pack that goes: copy them first
         to_copy: dict[ObjectId, PackEntry] = {}
@@ -394,12 +387,14 @@ def collect_garbage(
     if dry_run:
         return _plan(run, report, planned_refs)
     run.say("marking reachable objects")
-    run.mark()  # before the lock, which is a write: a damaged repository is left exactly as it is
+    # Marked before the lock, which is a write: a damaged repository is left exactly as it
+    # is. What this mark misses (refs added meanwhile) is only doomed for now: the second
+    # mark, after the wait, decides what dies.
+    reach = run.mark()
     lock = GcLock(run.storage)
     lock.acquire()
     try:
         report.bytes_before = run.stored_bytes()
-        reach = run.mark()  # under the lock: what the run decides from
         run.say("tidying up after earlier runs")
         run.tidy(lock)
         packs = run.packs()
@@ -455,6 +450,34 @@ def _unreachable(
     return doomed - young, young
 
 
+def _objects_by_pack(
+    files: dict[str, dict[PackId, list[PackEntry]]], present: set[PackId] | None = None
+) -> dict[PackId, dict[ObjectId, PackEntry]]:
+    """Each pack's objects, as all index files name them (only packs in ``present``, if given:
+    a merge made from files read before a sweep can still name a deleted pack)."""
+    by_pack: dict[PackId, dict[ObjectId, PackEntry]] = defaultdict(dict)
+    for packs in files.values():
+        for pack_id, entries in packs.items():
+            if present is None or pack_id in present:
+                for e in entries:
+                    by_pack[pack_id][e.id] = e
+    return by_pack
+
+
+def _fate(members: dict[ObjectId, PackEntry], dead: set[ObjectId]) -> tuple[str, int]:
+    """What the sweep does with a pack (``keep`` | ``delete`` | ``repack`` | ``partly-dead``)
+    and the stored bytes of its dead objects."""
+    dead_bytes = sum(e.length for oid, e in members.items() if oid in dead)
+    if not dead_bytes:
+        return "keep", 0
+    live_bytes = sum(e.length for oid, e in members.items() if oid not in dead)
+    if not live_bytes:
+        return "delete", dead_bytes
+    if live_bytes < REPACK_BELOW * (live_bytes + dead_bytes):
+        return "repack", dead_bytes
+    return "partly-dead", dead_bytes
+
+
 def _plan(run: _Run, report: GcReport, planned_refs: dict[str, list[Root]] | None) -> GcReport:
     """A dry run: what a sweep now would free, if no writer revived anything."""
     report.bytes_before = report.bytes_after = run.stored_bytes()
@@ -467,24 +490,16 @@ def _plan(run: _Run, report: GcReport, planned_refs: dict[str, list[Root]] | Non
     report.unreachable_objects = len(doomed) + len(young)
     report.young_objects = len(young)
     report.dead_objects = len(doomed)
-    by_pack: dict[PackId, dict[ObjectId, PackEntry]] = defaultdict(dict)
-    for pf in files.values():
-        for pack_id, entries in pf.items():
-            for e in entries:
-                by_pack[pack_id][e.id] = e
+    by_pack = _objects_by_pack(files)
     for pack_id in candidates & set(by_pack):
-        members = by_pack[pack_id]
-        dead_bytes = sum(e.length for oid, e in members.items() if oid in doomed)
-        live_bytes = sum(e.length for oid, e in members.items() if oid not in doomed)
-        if not dead_bytes:
-            continue
-        if not live_bytes:
+        fate, dead_bytes = _fate(by_pack[pack_id], doomed)
+        if fate == "delete":
             report.packs_deleted += 1
             report.freed_estimate += packs[pack_id].size
-        elif live_bytes < REPACK_BELOW * (live_bytes + dead_bytes):
+        elif fate == "repack":
             report.packs_repacked += 1
             report.freed_estimate += dead_bytes
-        else:
+        elif fate == "partly-dead":
             report.packs_partly_dead += 1
     indexed = set(by_pack)
     for pack_id, info in packs.items():
