@@ -57,7 +57,7 @@ from keepsake.objects.sessions import (
     Marker,
     decode_doomed,
     encode_doomed,
-    pid_alive,
+    process_is_gone,
     process_namespace,
     read_marker,
 )
@@ -159,9 +159,8 @@ def _describe_lock(data: bytes) -> tuple[str, float, bool]:
     process of this machine and PID namespace that no longer exists, e.g. a killed gc)."""
     try:
         doc = msgpack.unpackb(data, raw=False)
-        ns, pid = str(doc.get("ns", "")), int(doc["pid"])
-        gone = bool(ns) and ns == process_namespace() and pid > 0 and not pid_alive(pid)
-        return f"pid {pid} on {doc['host']}", float(doc["updated"]), gone
+        pid = int(doc["pid"])
+        return f"pid {pid} on {doc['host']}", float(doc["updated"]), process_is_gone(str(doc.get("ns", "")), pid)
     except (ValueError, KeyError, TypeError, msgpack.ExtraData, msgpack.FormatError, msgpack.StackError):
         return "unreadable lock", 0.0, False  # a damaged lock counts as stale by age
 

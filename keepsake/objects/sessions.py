@@ -58,6 +58,12 @@ def pid_alive(pid: int) -> bool:
     return True
 
 
+def process_is_gone(ns: str, pid: int) -> bool:
+    """True when ``pid`` of namespace ``ns`` (see :func:`process_namespace`) is a process of
+    this machine and PID namespace that no longer exists: its writer was killed."""
+    return bool(ns) and ns == process_namespace() and pid > 0 and not pid_alive(pid)
+
+
 def encode_doomed(ids: list[ObjectId]) -> bytes:
     packed: bytes = msgpack.packb({"version": 1, "ids": b"".join(bytes.fromhex(i) for i in sorted(ids))})
     return packed
@@ -185,7 +191,7 @@ class Marker:
     def writer_is_gone(self) -> bool:
         """True when the writer ran on this machine, in our PID namespace, and its process
         no longer exists: it died without removing its marker (e.g. SIGKILL)."""
-        return bool(self.ns) and self.ns == process_namespace() and self.pid > 0 and not pid_alive(self.pid)
+        return process_is_gone(self.ns, self.pid)
 
     def last_sign_of_life(self, mtime: float | None) -> float:
         """The later of the writer's own clock and the storage's modification time."""
