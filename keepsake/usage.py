@@ -18,18 +18,15 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
-from keepsake.objects.envelope import open_object
+from keepsake.errors import CorruptObject
+from keepsake.objects.graph import walk
 from keepsake.objects.ids import ObjectId, ObjectType
-from keepsake.objects.manifests import Blob, Tree
+from keepsake.objects.manifests import Tree
 from keepsake.objects.pack import PackEntry, pack_id_of_key
-from keepsake.objects.records import referenced_ids
 from keepsake.repository import Repository
 
 EXPERIMENTS = "experiments/"
 TAGS = "tags/"
-#: objects read per batch of ranged reads, and at most this many stored bytes per batch
-READ_BATCH = 4096
-READ_BATCH_BYTES = 16 << 20
 
 
 @dataclass
@@ -178,82 +175,24 @@ class ObjectGraph:
 def read_graph(
     repo: Repository, roots: Iterable[ObjectId], progress: Callable[[str], None] | None = None
 ) -> ObjectGraph:
-    """Read every manifest and record reachable from ``roots``, level by level.
-
-    Each level is fetched with :meth:`ObjectDB.read_envelopes` in batches, so a level
-    costs a few ranged reads per pack rather than one read per object. Every object read is
-    verified against its id.
+    """Read every manifest and record reachable from ``roots`` (the graph walk that gc and
+    fsck use, level by level in batched reads; chunks are never read), keeping what du needs
+    of each object. Every object read is verified against its id.
 
     Raises:
-        CorruptObject: an object read does not decode or hash to its id.
+        CorruptObject: a reachable object does not decode or hash to its id.
     """
     db = repo.objects
     db.refresh()
     graph = ObjectGraph(db.entries())
-    entries = graph.entries
-    queued: set[ObjectId] = set()
-    frontier: list[ObjectId] = []
-    for r in roots:
-        if r not in queued:
-            queued.add(r)
-            frontier.append(r)
-    level = 0
-    while frontier:
-        level += 1
-        to_read: list[PackEntry] = []
-        for oid in frontier:
-            entry = entries.get(oid)
-            if entry is None:
-                graph.missing.add(oid)
-            elif entry.type != ObjectType.CHUNK:
-                to_read.append(entry)
-        if progress:
-            progress(f"reading {len(to_read)} objects (level {level})")
-        following: list[ObjectId] = []
-        for batch in _batches(to_read):
-            for entry, envelope in zip(batch, db.read_metadata(batch)):
-                for child in _decode(graph, entry, envelope):
-                    if child not in queued:
-                        queued.add(child)
-                        following.append(child)
-        frontier = following
-    return graph
 
-
-def _batches(entries: list[PackEntry]) -> Iterable[list[PackEntry]]:
-    batch: list[PackEntry] = []
-    size = 0
-    for e in entries:
-        batch.append(e)
-        size += e.length
-        if len(batch) >= READ_BATCH or size >= READ_BATCH_BYTES:
-            yield batch
-            batch, size = [], 0
-    if batch:
-        yield batch
-
-
-def _decode(graph: ObjectGraph, entry: PackEntry, envelope: bytes) -> list[ObjectId]:
-    """Record what ``graph`` needs of one object; returns the ids it points at.
-
-    Each object is decoded once: records through :func:`referenced_ids` (the one
-    definition of what points where, shared with fsck and gc), trees here, for their size.
-    """
-    oid = entry.id
-    otype, content = open_object(envelope, oid)
-    if otype == ObjectType.BLOB:
-        blob = Blob.decode(content, oid)
-        distinct = frozenset(cid for cid, _ in blob.chunks)
-        graph.chunks[oid] = distinct
-        graph.missing.update(c for c in distinct if c not in graph.entries)
-        return []  # chunks are not read: their stored size is in the index
-    if otype == ObjectType.TREE:
-        tree = Tree.decode(content, oid)
-        graph.sizes[oid] = tree.size
-        children = tuple(e.id for e in tree.entries if e.id is not None)
-    else:
-        typed = referenced_ids(otype, content, oid)
-        children = tuple(child for child, _ in typed)
+    def visit(entry: PackEntry, otype: ObjectType, content: bytes, typed: list[tuple[ObjectId, ObjectType]]) -> None:
+        oid = entry.id
+        if otype == ObjectType.BLOB:
+            graph.chunks[oid] = frozenset(child for child, _ in typed)
+            return  # chunks are not read: their stored size is in the index
+        if otype == ObjectType.TREE:
+            graph.sizes[oid] = Tree.decode(content, oid).size
         trees = [child for child, ctype in typed if ctype == ObjectType.TREE]
         if otype == ObjectType.HEAD:
             experiment = next(child for child, ctype in typed if ctype == ObjectType.EXPERIMENT)
@@ -263,8 +202,14 @@ def _decode(graph: ObjectGraph, entry: PackEntry, envelope: bytes) -> list[Objec
             graph.files[oid] = trees[0] if trees else None
         elif otype == ObjectType.EXPERIMENT:
             graph.code[oid] = trees[0] if trees else None
-    graph.children[oid] = children
-    return list(children)
+        graph.children[oid] = tuple(child for child, _ in typed)
+
+    reach = walk(db, [(r, None, "a ref") for r in roots], graph.entries, visit, progress)
+    if reach.corrupt:
+        oid, why = next(iter(sorted(reach.corrupt.items())))
+        raise CorruptObject(oid, why)
+    graph.missing = set(reach.missing)
+    return graph
 
 
 def compute_usage(repo: Repository, progress: Callable[[str], None] | None = None) -> RepositoryUsage:

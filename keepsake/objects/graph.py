@@ -9,7 +9,7 @@ see whole, or it would take what lies below a damaged object for garbage.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
 from keepsake.errors import CorruptObject
@@ -40,15 +40,31 @@ class Reachable:
         return not self.missing and not self.corrupt
 
 
-def walk(db: ObjectDB, roots: Iterable[Root], entries: dict[ObjectId, PackEntry] | None = None) -> Reachable:
-    """Everything reachable from ``roots`` (id, expected type or None, who refers to it).
+#: ``visit(entry, type, content, children)``: called once for each object the walk reads
+Visitor = Callable[[PackEntry, ObjectType, bytes, list[tuple[ObjectId, ObjectType]]], None]
+
+
+def walk(
+    db: ObjectDB,
+    roots: Iterable[Root],
+    entries: dict[ObjectId, PackEntry] | None = None,
+    visit: Visitor | None = None,
+    progress: Callable[[str], None] | None = None,
+) -> Reachable:
+    """Everything reachable from ``roots`` (id, expected type or None, who refers to it),
+    level by level: each level's objects are read in batches of coalesced ranged reads.
 
     ``entries`` is the index snapshot to walk in (default: the database's current one).
+    ``visit`` sees every object read (all but chunks) with its decoded content and the
+    objects it points at, so callers that need more than reachability (du) decode nothing
+    twice.
     """
     index = db.entries() if entries is None else entries
     out = Reachable()
     frontier: list[Root] = list(roots)
+    level = 0
     while frontier:
+        level += 1
         to_read: list[tuple[PackEntry, str]] = []
         for oid, expected, referrer in frontier:
             if oid in out.objects:
@@ -65,6 +81,8 @@ def walk(db: ObjectDB, roots: Iterable[Root], entries: dict[ObjectId, PackEntry]
             if entry.type != ObjectType.CHUNK:
                 to_read.append((entry, referrer))
         frontier = []
+        if progress and to_read:
+            progress(f"reading {len(to_read)} objects (level {level})")
         for start in range(0, len(to_read), BATCH):
             batch = to_read[start : start + BATCH]
             envelopes: list[bytes | None]
@@ -82,6 +100,8 @@ def walk(db: ObjectDB, roots: Iterable[Root], entries: dict[ObjectId, PackEntry]
                 except CorruptObject as exc:
                     out.corrupt[entry.id] = f"{exc.reason} (referenced by {referrer})"
                     continue
+                if visit is not None:
+                    visit(entry, otype, content, children)
                 label = f"{otype.label} {entry.id}"
                 frontier.extend((child, ctype, label) for child, ctype in children)
     return out
