@@ -51,7 +51,8 @@ class HashOnly:
         return object_id or hash_object(object_type, data)
 
 
-def _blob_from_chunks(sink: ObjectSink, chunks: Iterable[memoryview]) -> Blob:
+def _blob_from_chunks(sink: ObjectSink, chunks: Iterable[tuple[memoryview, ObjectId | None]]) -> Blob:
+    """A file's blob from its chunks, each with its id when the chunker already hashed it."""
     it = iter(chunks)
     # FIX (tests/objects/test_worktree.py): this used to inline the first chunk whenever it
     # was shorter than INLINE_LIMIT, assuming it was then the whole file. That only holds
@@ -59,24 +60,60 @@ def _blob_from_chunks(sink: ObjectSink, chunks: Iterable[memoryview]) -> Blob:
     # set them) every byte after the first chunk was silently dropped. Now: read chunks
     # until INLINE_LIMIT bytes are seen; only a whole file shorter than that is inlined.
     # With the default params (min_size 16 KiB) the result is unchanged.
-    head: list[memoryview] = []
+    head: list[tuple[memoryview, ObjectId | None]] = []
     total = 0
-    for view in it:
-        head.append(view)
-        total += len(view)
+    for item in it:
+        head.append(item)
+        total += len(item[0])
         if total >= INLINE_LIMIT:
             break
     else:
-        return Blob(total, (), b"".join(head))
-    parts = [(sink.put(ObjectType.CHUNK, view), len(view)) for view in head]
-    parts.extend((sink.put(ObjectType.CHUNK, view), len(view)) for view in it)
+        return Blob(total, (), b"".join(view for view, _ in head))
+    parts = [(sink.put(ObjectType.CHUNK, view, known), len(view)) for view, known in head]
+    parts.extend((sink.put(ObjectType.CHUNK, view, known), len(view)) for view, known in it)
     return Blob(sum(n for _, n in parts), tuple(parts))
 
 
-def write_blob_from_file(sink: ObjectSink, chunker: Chunker, path: str) -> tuple[ObjectId, Blob]:
-    """Store the file at ``path``; returns its blob id and blob."""
+def _chunk_id(view: memoryview) -> ObjectId:
+    return hash_object(ObjectType.CHUNK, view)
+
+
+class EarlierVersions:
+    """The blobs of the files a snapshot stored, by path, for the next snapshot of the same
+    paths: a file found again is cut against its earlier chunks (Chunker.cut_file_like),
+    which confirms unchanged stretches by hashing instead of cutting them again.
+
+    ``earlier`` is read; :attr:`stored` collects this snapshot's blobs, to be the next one's
+    ``earlier``. Paths are ``/``-separated, relative to the snapshot's root.
+    """
+
+    def __init__(self, earlier: dict[str, Blob] | None = None) -> None:
+        self.earlier = earlier or {}
+        self.stored: dict[str, Blob] = {}
+
+    def chunks_of(self, relpath: str) -> tuple[tuple[ObjectId, int], ...]:
+        blob = self.earlier.get(relpath)
+        return blob.chunks if blob is not None else ()
+
+    def record(self, relpath: str, blob: Blob) -> None:
+        if blob.chunks:  # an inlined file is read whole anyway
+            self.stored[relpath] = blob
+
+
+def write_blob_from_file(
+    sink: ObjectSink, chunker: Chunker, path: str, earlier: tuple[tuple[ObjectId, int], ...] = ()
+) -> tuple[ObjectId, Blob]:
+    """Store the file at ``path``; returns its blob id and blob.
+
+    Args:
+        earlier: the chunks of an earlier version of the file, if known: its unchanged
+            parts are then found by hashing (same result, less work).
+    """
     try:
-        blob = _blob_from_chunks(sink, chunker.cut_file(path))
+        if earlier:
+            blob = _blob_from_chunks(sink, chunker.cut_file_like(path, earlier, _chunk_id))  # type: ignore[arg-type]
+        else:
+            blob = _blob_from_chunks(sink, ((view, None) for view in chunker.cut_file(path)))
     except FileNotFoundError as exc:
         raise PathNotFound(path) from exc
     except IsADirectoryError as exc:
@@ -89,7 +126,7 @@ def write_blob_from_file(sink: ObjectSink, chunker: Chunker, path: str) -> tuple
 
 
 def write_blob_from_stream(sink: ObjectSink, chunker: Chunker, stream: BinaryIO) -> tuple[ObjectId, Blob]:
-    blob = _blob_from_chunks(sink, chunker.cut_stream(stream))
+    blob = _blob_from_chunks(sink, ((view, None) for view in chunker.cut_stream(stream)))
     return sink.put(ObjectType.BLOB, blob.encode()), blob
 
 
@@ -121,11 +158,15 @@ def write_tree(
     directory: str,
     extra_skip: frozenset[str] = frozenset(),
     skip_virtualenvs: bool = False,
+    versions: EarlierVersions | None = None,
+    prefix: str = "",
 ) -> tuple[ObjectId, Tree]:
     """Store ``directory`` recursively; returns the root tree id and tree.
 
     Args:
         extra_skip: more directory/file names to skip anywhere (e.g. virtualenvs).
+        versions: earlier versions of the files (keyed ``prefix`` + path inside
+            ``directory``), and where this snapshot's are recorded.
 
     Raises:
         PathNotFound: ``directory`` is missing, not a directory, or something in it is
@@ -136,11 +177,18 @@ def write_tree(
     ignore = _Ignore.load(directory)
     skip = ALWAYS_SKIP | extra_skip
     ignore.virtualenvs = skip_virtualenvs
-    return _write_dir(sink, chunker, directory, "", ignore, skip)
+    return _write_dir(sink, chunker, directory, "", ignore, skip, versions or EarlierVersions(), prefix)
 
 
 def _write_dir(
-    sink: ObjectSink, chunker: Chunker, path: str, rel: str, ignore: _Ignore, skip: frozenset[str]
+    sink: ObjectSink,
+    chunker: Chunker,
+    path: str,
+    rel: str,
+    ignore: _Ignore,
+    skip: frozenset[str],
+    versions: EarlierVersions,
+    prefix: str,
 ) -> tuple[ObjectId, Tree]:
     entries = []
     # FIX (tests/objects/test_worktree.py): a directory, file or symlink that vanishes (or
@@ -176,10 +224,11 @@ def _write_dir(
                 raise PathNotFound(item.path, "its symlink target is not valid UTF-8")
             entries.append(TreeEntry(name, MODE_SYMLINK, len(target.encode()), None, target))
         elif is_dir:
-            tree_id, tree = _write_dir(sink, chunker, item.path, relpath + "/", ignore, skip)
+            tree_id, tree = _write_dir(sink, chunker, item.path, relpath + "/", ignore, skip, versions, prefix)
             entries.append(TreeEntry(name, MODE_TREE, tree.size, tree_id))
         elif stat.S_ISREG(st.st_mode):
-            blob_id, blob = write_blob_from_file(sink, chunker, item.path)
+            blob_id, blob = write_blob_from_file(sink, chunker, item.path, versions.chunks_of(prefix + relpath))
+            versions.record(prefix + relpath, blob)
             mode = MODE_EXECUTABLE if st.st_mode & 0o111 else MODE_FILE
             entries.append(TreeEntry(name, mode, blob.size, blob_id))
         # sockets, fifos and devices are not content: skipped
@@ -295,10 +344,18 @@ def _write_all(fd: int, data: memoryview) -> None:
 
 
 def write_subpath(
-    sink: ObjectSink, chunker: Chunker, root: str, relpath: str, extra_skip: frozenset[str] = frozenset()
+    sink: ObjectSink,
+    chunker: Chunker,
+    root: str,
+    relpath: str,
+    extra_skip: frozenset[str] = frozenset(),
+    versions: EarlierVersions | None = None,
 ) -> tuple[ObjectId, Tree]:
     """Store ``root/relpath`` (a file, link or directory) as a tree rooted at ``root``
     that holds only that path, so checkout recreates it at the same relative place.
+
+    ``versions`` (keyed by path relative to ``root``) gives the files' earlier versions and
+    records this snapshot's; see :class:`EarlierVersions`.
 
     Raises:
         PathNotFound: the path does not exist, or is not inside ``root``.
@@ -313,13 +370,16 @@ def write_subpath(
         raise PathNotFound(full) from exc
     name = parts[-1]
     if stat.S_ISDIR(st.st_mode):
-        tree_id, tree = write_tree(sink, chunker, full, extra_skip)
+        tree_id, tree = write_tree(sink, chunker, full, extra_skip, versions=versions, prefix="/".join(parts) + "/")
         entry = TreeEntry(name, MODE_TREE, tree.size, tree_id)
     elif stat.S_ISLNK(st.st_mode):
         target = os.readlink(full)
         entry = TreeEntry(name, MODE_SYMLINK, len(target.encode()), None, target)
     elif stat.S_ISREG(st.st_mode):
-        blob_id, blob = write_blob_from_file(sink, chunker, full)
+        key = "/".join(parts)
+        blob_id, blob = write_blob_from_file(sink, chunker, full, versions.chunks_of(key) if versions else ())
+        if versions is not None:
+            versions.record(key, blob)
         entry = TreeEntry(name, MODE_EXECUTABLE if st.st_mode & 0o111 else MODE_FILE, blob.size, blob_id)
     else:
         raise PathNotFound(full, "is not a regular file, link or directory")
