@@ -119,6 +119,12 @@ class Storage:
             raise ValueError(f"invalid storage key {key!r}")
         return posixpath.join(self._root, key)
 
+    def local_path(self, key: str) -> str | None:
+        """The file that holds ``key`` on a local-disk storage (None on any other backend):
+        for data that only ever lives next to the repository on the same machine, written
+        with plain file I/O (the checkpoint journal, FORMAT.md §19)."""
+        return self._path(key) if self.backend == "local" else None
+
     def _key(self, path: str) -> str:
         path = path.replace(os.sep, "/") if self.backend == "local" else path
         root = self._root.replace(os.sep, "/") if self.backend == "local" else self._root

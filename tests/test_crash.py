@@ -45,6 +45,7 @@ from keepsake.gc import collect_garbage
 from keepsake.maintenance import fsck
 from keepsake.repository import Repository
 from keepsake.tracking.project import Project
+from keepsake.tracking.journal import recover_journals
 from keepsake.transfer import init_like, transfer
 
 SEED = int(os.environ.get("KEEPSAKE_CRASH_SEED", "20261126"))
@@ -106,6 +107,8 @@ class Harness:
     hits: Counter[str] = field(default_factory=Counter)
     #: what the follow-up gcs and finished gc children did, summed
     gc_totals: Counter[str] = field(default_factory=Counter)
+    #: checkpoints stored from the journals of killed runs (recovery after a kill)
+    journals_stored: int = 0
     log: list[str] = field(default_factory=list)
 
     def __post_init__(self) -> None:
@@ -246,6 +249,14 @@ class Harness:
         return report
 
     def after_kill(self, what: str) -> None:
+        # The kill leaves the repository readable. Checkpoints whose checkpoint() returned
+        # but that the storing thread had not stored yet are in the killed run's journal:
+        # the next run (or push, or gc) stores them first (FORMAT.md §19).
+        with Repository.open(self.repo_url) as repo:
+            report = fsck(repo)
+            assert not report.damaged, self.context(f"fsck found damage right after a kill {what}")
+            recovered = recover_journals(repo)
+            self.journals_stored += sum(r.stored for r in recovered)
         self.check(f"after a kill {what}")
         self.follow_up_gc()
         self.check(f"after the follow-up gc of a kill {what}")
@@ -280,6 +291,7 @@ class Harness:
             f"{self.name}, seed {SEED}: {self.trial} trials\n"
             + "\n".join(f"  {n:3d}  {hit}" for hit, n in sorted(self.hits.items()))
             + f"\n  gc: {dict(sorted(self.gc_totals.items()))}"
+            + f"\n  checkpoints stored from killed runs' journals: {self.journals_stored}"
             + f"\n  temporary files left by killed writes: {sum(1 for _ in self.root.rglob('.tmp-*'))}"
         )
 

@@ -301,10 +301,12 @@ def test_an_experiment_that_grew_is_fast_forwarded(tmp_path: Path, workdir: Path
     experiment = project.start_experiment(path=None)
     (workdir / "model.bin").write_bytes(os.urandom(10_000))
     experiment.checkpoint(path="model.bin", step=0)
+    assert experiment.sync()  # stored from its journal (FORMAT.md §19)
     source = open_repo(str(tmp_path / "source"), {})
     destination = new_repo(memory_url(), {})
     transfer(source, destination)  # pushed while running
     experiment.checkpoint(path="model.bin", step=1)
+    assert experiment.sync()
     result = transfer(source, destination)
     assert [r.action for r in result.refs] == ["fast-forward"]
     assert _head_checkpoints(destination, experiment) == 2

@@ -116,6 +116,11 @@ def gc_command(
                     (ObjectId(plan.experiment), ObjectType.EXPERIMENT, label),
                     *((ObjectId(c.id), ObjectType.CHECKPOINT, label) for c in plan.kept),
                 ]
+    if not dry_run:
+        # a checkpoint a killed run left in its journal relies on stored objects: stored first
+        from keepsake.cli.sync import store_journals_left
+
+        store_journals_left(session.repo, quiet or as_json)
     show_progress = not quiet and not as_json and sys.stderr.isatty()
     report = collect_garbage(
         session.repo,

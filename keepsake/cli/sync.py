@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import sys
@@ -17,6 +18,7 @@ from keepsake.cli.session import Session, pass_session
 from keepsake.errors import DivergedRefs, InvalidArgument, RepositoryNotFound
 from keepsake.project import CONFIG_FILE, DEFAULT_REPOSITORY, ProjectSettings, load_config, write_config
 from keepsake.repository import Repository
+from keepsake.tracking.journal import Recovered, recover_journals
 from keepsake.tracking.spool import FlushResult, flush_spools
 from keepsake.transfer import UP_TO_DATE, TransferResult, TransferStats, init_like, transfer
 
@@ -140,6 +142,19 @@ def _transfer_options(fn: Callable[..., Any]) -> Callable[..., Any]:
     return fn
 
 
+def store_journals_left(repo: Repository, quiet: bool) -> list[Recovered]:
+    """Store the checkpoints that processes which are gone left in journals next to a
+    local repository (FORMAT.md §19); one line each on stderr unless ``quiet``."""
+    done = recover_journals(repo)
+    for r in done if not quiet else ():
+        what = f"checkpoint {r.checkpoint[:7]} of experiment {r.experiment[:7]}" if r.checkpoint and r.experiment else r.path
+        if r.stored:
+            click.echo(f"  stored        {what} from the journal of a run that ended before storing it", err=True)
+        else:
+            click.echo(f"  dropped       {what}: {r.why}", err=True)
+    return done
+
+
 def _flush(repo: Repository, dry_run: bool, quiet: bool, as_json: bool) -> list[FlushResult]:
     """Upload the spools that processes which are gone left for ``repo`` (FORMAT.md §18)."""
     progress = ProgressLine(enabled=not quiet and not as_json)
@@ -200,11 +215,17 @@ def push_command(
       keepsake push                # finish the uploads of crashed runs
     """
     project = session.project
+    journaled: list[Recovered] = []
+    if not dry_run:
+        with contextlib.suppress(RepositoryNotFound):
+            journaled = store_journals_left(session.repo, quiet or as_json)
     if url is None and project.remote is None:
         try:
             spooled = session.repo.storage.backend not in ("local", "memory")
         except RepositoryNotFound:
             spooled = False
+        if not spooled and journaled:
+            return  # what was left to finish here is done; there is nowhere to push to
         if not spooled:  # nothing is ever spooled for it: a remote is what is missing
             _remote(project, url, storage_options)
         if storage_options:

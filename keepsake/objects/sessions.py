@@ -283,6 +283,47 @@ class OperationScope:
         else:
             self._end(op, quiet=False)
 
+    def begin(self) -> Operation:
+        """Start an operation that outlives this call and may move to another thread (a
+        checkpoint captured on the training thread and stored by a background one): the
+        same marker, doomed lists and dedup snapshot as ``with scope():``. Run work inside
+        it with :meth:`adopt`; it ends with :meth:`end`."""
+        op = Operation(self._storage)
+        op.start(self._doomed)
+        self._keep_alive(op)
+        try:
+            self._snapshot()
+        except BaseException:
+            self._forget(op)
+            with contextlib.suppress(KeepsakeError):
+                op.end()
+            raise
+        return op
+
+    @contextlib.contextmanager
+    def adopt(self, op: Operation) -> Iterator[Operation]:
+        """Make ``op`` (from :meth:`begin`) this thread's operation for the block: writers
+        and nested ``with scope():`` blocks in it share its marker. Does not end it."""
+        outer = self.current
+        self._local.op = op
+        try:
+            yield op
+        finally:
+            self._local.op = outer
+
+    def end(self, op: Operation, quiet: bool = False) -> None:
+        """End an operation from :meth:`begin` (its marker is removed)."""
+        self._forget(op)
+        try:
+            op.end()
+        except KeepsakeError:
+            if not quiet:
+                raise
+
+    def _forget(self, op: Operation) -> None:
+        with self._live_lock:
+            self._live.discard(op)
+
     def _end(self, op: Operation, quiet: bool) -> None:
         self._local.op = None
         with self._live_lock:

@@ -8,10 +8,12 @@ the summary. A crash at any point leaves the previous checkpoint intact and read
 from __future__ import annotations
 
 import atexit
+import contextlib
 import io
 import logging
 import math
 import os
+import queue
 import sys
 import threading
 import time
@@ -21,14 +23,25 @@ from datetime import datetime, timezone
 from types import TracebackType
 from typing import TYPE_CHECKING, Any
 
-from keepsake.errors import CheckoutConflict, InvalidArgument, ObjectNotFound, RefConflict
+from keepsake.errors import CheckoutConflict, InvalidArgument, KeepsakeError, ObjectNotFound, RefConflict
 from keepsake.objects.chunking import Chunker
 from keepsake.objects.database import ObjectDB, ObjectWriter
 from keepsake.objects.ids import ObjectId, ObjectType
-from keepsake.objects.manifests import check_entry_name
+from keepsake.objects.manifests import Blob, check_entry_name
 from keepsake.objects.records import GOALS, CheckpointRecord, ExperimentRecord, HeadRecord
 from keepsake.objects.values import is_number, normalize
-from keepsake.objects.worktree import checkout_tree, find_entry, write_subpath
+from keepsake.objects.worktree import EarlierVersions, ObjectSink, checkout_tree, find_entry, write_subpath
+from keepsake.objects.sessions import Operation
+from keepsake.tracking.journal import (
+    Journal,
+    JournalWriter,
+    journal_folder,
+    next_sequence,
+    remove_if_empty,
+    store_journals,
+    take_owner,
+)
+from keepsake.tracking.metadata import experiment_ref, utc_now
 from keepsake.tracking.spool import Spool, UploadState
 from keepsake.tracking.summary import CheckpointSummary, Summary, summary_key
 
@@ -41,20 +54,14 @@ log = logging.getLogger("keepsake")
 HEARTBEAT_INTERVAL = 10.0
 #: an experiment whose last heartbeat is older than this is not running
 HEARTBEAT_TIMEOUT = 60.0
+#: niceness of the thread that stores journaled checkpoints (and of its compression threads)
+STORE_NICENESS = 10
 #: stop() prints one line about a wait for uploads longer than this when stderr is not a TTY
 QUIET_WAIT = 3.0
 
 
-def utc_now() -> str:
-    return datetime.now(timezone.utc).isoformat(timespec="microseconds")
-
-
 def parse_time(text: str) -> datetime:
     return datetime.fromisoformat(text)
-
-
-def experiment_ref(experiment_id: str) -> str:
-    return f"experiments/{experiment_id}"
 
 
 class Checkpoint:
@@ -158,6 +165,23 @@ class Experiment:
         #: spooled heads not yet known to be at the remote -> their summaries; the summary
         #: of the newest head the remote's ref names (what heartbeats write there)
         self._spooled_heads: dict[ObjectId, Summary] = {}
+        #: the files the last checkpoint stored, by path: the next one cuts them against these
+        self._file_versions: dict[str, Blob] = {}
+        #: journaled checkpoints (FORMAT.md §19) not yet stored, oldest first, and the
+        #: background thread that stores them; the owner lock of the journal folder
+        self._pending: list[CheckpointSummary] = []
+        #: the objects the pending checkpoints' journals hold: later journals rely on them
+        self._queued: frozenset[ObjectId] = frozenset()
+        #: cleared while checkpoint() captures: the storing thread pauses, so the capture
+        #: (what training waits for) has the CPU and the GIL to itself
+        self._may_store = threading.Event()
+        self._may_store.set()
+        self._ingest: queue.Queue[tuple[Operation, str, CheckpointSummary] | None] = queue.Queue()
+        self._ingester: threading.Thread | None = None
+        self._ingest_error: BaseException | None = None
+        self._journal_owner: int | None = None
+        self._journal_sequence = 0
+        self._may_journal = False
         self._uploaded_summary: Summary | None = None
         self._remote_lock = threading.Lock()
 
@@ -208,7 +232,9 @@ class Experiment:
 
     @property
     def _objects(self) -> ObjectDB:
-        """Where this experiment's objects are read: its spool first while it has one."""
+        """Where this experiment's objects are read: its spool first while it has one.
+        Checkpoints still being stored from their journals are waited for."""
+        self._settle()
         reader = self._reader
         return reader if reader is not None else self.project.repo.objects
 
@@ -225,6 +251,7 @@ class Experiment:
     def _views(self) -> tuple[tuple[Checkpoint, ...], Checkpoint | None]:
         # (checkpoints, best), computed once per summary: listing calls best() and latest()
         # several times for each of thousands of experiments
+        self._settle()
         cached = self._views_cache
         if cached is not None and cached[0] is self._summary:
             return cached[1], cached[2]
@@ -380,8 +407,9 @@ class Experiment:
         if step is not None and (isinstance(step, bool) or not isinstance(normalize(step, "step"), int)):
             raise InvalidArgument(f"step must be an integer, not {type(step).__name__}")
         relpath = self.project.relative_path(path) if path is not None else None
+        self._raise_ingest_error()
         with self._lock:
-            previous = self._summary.checkpoints
+            previous = self._recorded()
             if step is None:
                 last = next((c.step for c in reversed(previous) if c.step is not None), None)
                 step = 0 if last is None else last + 1
@@ -390,6 +418,12 @@ class Experiment:
             if spool is not None:
                 entry = self._checkpoint_spooled(spool, relpath, step, metrics_n, primary)
                 return Checkpoint(self, entry)
+            # files are captured into a journal and stored in the background; a checkpoint
+            # without files has nothing to capture, and is stored at once unless earlier
+            # ones are still being stored (they are published in order)
+            journal = self._journal_for_writing() if relpath is not None or self._pending else None
+            if journal is not None:
+                return Checkpoint(self, self._checkpoint_journaled(journal, relpath, step, metrics_n, primary))
             repo = self.project.repo
             # one operation from dedup snapshot to ref update: gc protects what it relies on
             with repo.objects.operation(), repo.objects.writer() as writer:
@@ -399,7 +433,7 @@ class Experiment:
 
     def _write_checkpoint(
         self,
-        writer: ObjectWriter,
+        writer: ObjectSink,
         chunker: Chunker,
         relpath: str | None,
         step: int,
@@ -407,11 +441,16 @@ class Experiment:
         primary: tuple[str, str] | None,
     ) -> CheckpointSummary:
         """Store the saved files and the checkpoint record with ``writer`` (the repository's
-        own or the spool's); returns the new checkpoint's summary. Caller holds self._lock."""
+        own, the spool's, or a journal); returns the new checkpoint's summary. Caller holds
+        self._lock."""
         files = None
         if relpath is not None:
-            files, _ = write_subpath(writer, chunker, self.project.directory, relpath)
-        previous = self._summary.checkpoints
+            versions = EarlierVersions(self._file_versions)
+            files, _ = write_subpath(writer, chunker, self.project.directory, relpath, versions=versions)
+            # only a hint (cutting gives the same chunks without it): kept even if this
+            # checkpoint is never published
+            self._file_versions = versions.stored
+        previous = self._recorded()
         record = CheckpointRecord(
             experiment=self.id,
             created=utc_now(),
@@ -430,7 +469,9 @@ class Experiment:
             raise InvalidArgument(f"status must be 'stopped' or 'failed', not {status!r}")
         if not self._live or self._stopped:
             return
+        self._settle()  # outside the lock: the storing thread publishes under it
         with self._lock:
+            self._store_leftover_journals(report=True)
             self._stopped = True
             self._stop_event.set()
             spool = self._spool
@@ -443,13 +484,15 @@ class Experiment:
             self._heartbeat.join(timeout=5)
         if spool is not None:
             self._finish_uploads(spool)
+        self._close_journal()
 
     def sync(self, timeout: float | None = None) -> bool:
         """Wait until the repository has every checkpoint recorded so far.
 
         On a remote repository checkpoints are stored in a local spool and uploaded in the
         background (docs/FORMAT.md §18); this waits for that upload, e.g. before another
-        process is told to read them. Elsewhere it returns at once.
+        process is told to read them. On local disk, checkpoints are stored from their
+        journals by a background thread (§19), usually within a second: this waits for it.
 
         Args:
             timeout: give up after this many seconds of failing uploads (default
@@ -458,8 +501,9 @@ class Experiment:
         Returns:
             True when everything recorded is in the repository.
         """
+        self._settle()
         spool = self._spool
-        return spool is None or spool.wait(patience=timeout)
+        return (spool is None or spool.wait(patience=timeout)) and not self._pending
 
     def __enter__(self) -> Experiment:
         return self
@@ -532,6 +576,171 @@ class Experiment:
     def _write_summary(self) -> None:
         # derived data (rebuilt from objects when stale): no fsync on the training loop's path
         self.project.repo.storage.write(summary_key(self.id), self._summary.encode(), durable=False)
+
+    # -- journaling (FORMAT.md §19) -----------------------------------------------------------
+
+    def _recorded(self) -> tuple[CheckpointSummary, ...]:
+        """Every checkpoint recorded so far: stored ones, then those still being stored."""
+        return self._summary.checkpoints + tuple(self._pending)
+
+    def _journal_for_writing(self) -> str | None:
+        """This experiment's journal folder, or None to store checkpoints before returning.
+
+        Journaled: live experiments (whose exit hook waits for the storing thread) on a
+        local-disk repository. KEEPSAKE_JOURNAL=off stores before returning.
+        """
+        if self._journal_owner is not None:
+            return journal_folder(self.project.repo, self.id)
+        if not self._may_journal:
+            return None
+        self._may_journal = False  # decided once
+        if os.environ.get("KEEPSAKE_JOURNAL", "").lower() in ("0", "off", "no"):
+            return None
+        folder = journal_folder(self.project.repo, self.id)
+        if folder is None:
+            return None
+        fd = take_owner(os.path.join(folder, "owner"))
+        if fd is None:  # another live process records this experiment
+            return None
+        self._journal_owner = fd
+        self._journal_sequence = next_sequence(folder)
+        return folder
+
+    def _checkpoint_journaled(
+        self, folder: str, relpath: str | None, step: int, metrics: dict[str, Any], primary: tuple[str, str] | None
+    ) -> CheckpointSummary:
+        """Capture a checkpoint into a journal and queue it for the storing thread (caller
+        holds self._lock). One write operation spans both: begun here, before the first
+        dedup decision, and ended by the storing thread once the ref names the checkpoint."""
+        repo = self.project.repo
+        db = repo.objects
+        op = db.operation.begin()
+        self._may_store.clear()
+        try:
+            with db.operation.adopt(op):
+                sink = JournalWriter(db, folder, self._journal_sequence, self._queued)
+                try:
+                    entry = self._write_checkpoint(sink, repo.chunker, relpath, step, metrics, primary)
+                    path = sink.commit(self.id, entry.id)
+                except BaseException:
+                    sink.discard()
+                    raise
+        except BaseException:
+            db.operation.end(op, quiet=True)
+            raise
+        finally:
+            self._may_store.set()
+        self._journal_sequence += 1
+        self._pending.append(entry)
+        self._queued |= sink.ids
+        if self._ingester is None:
+            self._ingester = threading.Thread(
+                target=self._store_loop, name=f"keepsake-store-{self.short_id}", daemon=True
+            )
+            self._ingester.start()
+        self._ingest.put((op, path, entry))
+        return entry
+
+    def _store_loop(self) -> None:
+        # Storing yields the CPU to training: a lower priority for this thread and the
+        # compression threads it starts (Linux threads inherit it). Where that is not
+        # possible it runs at the process's priority.
+        with contextlib.suppress(AttributeError, OSError):
+            os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), STORE_NICENESS)
+        while True:
+            job = self._ingest.get()
+            try:
+                if job is None:
+                    return
+                self._store_journaled(*job)
+            finally:
+                self._ingest.task_done()
+
+    def _store_journaled(self, op: Operation, path: str, entry: CheckpointSummary) -> None:
+        """Store one journal and publish its checkpoint (the storing thread). After a
+        failure the later journals wait on disk: checkpoints are published in order."""
+        db = self.project.repo.objects
+        try:
+            if self._ingest_error is not None:
+                return
+            with db.operation.adopt(op):
+                journal = Journal.read(path)
+                with db.writer() as writer:
+                    for object_type, oid, view in journal.views():
+                        self._may_store.wait()
+                        writer.put(object_type, view, oid)
+                    self._may_store.wait()
+                    writer.flush()  # outside the lock: checkpoint() may take the next one meanwhile
+                    with self._lock:
+                        self._publish(lambda ids: ids + (entry.id,), "running", added=entry, writer=writer)
+                        self._pending.remove(entry)
+                        if not self._pending:
+                            self._queued = frozenset()
+            os.unlink(path)
+        except Exception as exc:  # noqa: BLE001 - reported by the next checkpoint() or stop()
+            self._ingest_error = exc
+            log.error("keepsake: checkpoint %s of experiment %s could not be stored yet: %s", entry.id[:7], self.short_id, exc)
+        finally:
+            db.operation.end(op, quiet=True)
+
+    def _settle(self) -> None:
+        """Wait until the storing thread has handled every journaled checkpoint."""
+        ingester = self._ingester
+        if ingester is not None and ingester is not threading.current_thread() and self._pending:
+            self._ingest.join()
+
+    def _raise_ingest_error(self) -> None:
+        """If the storing thread failed, store what it left (in order) now, or raise why not."""
+        if self._ingest_error is None:
+            return
+        self._settle()
+        with self._lock:
+            self._store_leftover_journals(report=False)
+
+    def _store_leftover_journals(self, report: bool) -> None:
+        """Store the journals the storing thread could not (caller holds self._lock), as
+        recovery would. If they still cannot be stored, raise why (or, with ``report``,
+        print it and say where they are kept); if one had to be dropped (its experiment was
+        deleted meanwhile), raise the storing thread's error."""
+        error = self._ingest_error
+        if error is None:
+            return
+        folder = journal_folder(self.project.repo, self.id)
+        assert folder is not None
+        try:
+            results = store_journals(self.project.repo, folder)
+        except Exception as exc:  # noqa: BLE001 - still failing: they stay in the journal
+            if not report:
+                raise
+            print(
+                f"keepsake: checkpoints of experiment {self.short_id} could not be stored ({exc}); "
+                f"they are kept in {folder}: run \"keepsake push\" in the project to store them",
+                file=sys.stderr,
+            )
+            return
+        self._ingest_error = None
+        self._pending.clear()
+        self._queued = frozenset()
+        with contextlib.suppress(KeepsakeError):
+            self._summary = self.project.load_summary(self.id)
+        if any(not r.stored for r in results) and not report:
+            raise error
+
+    def _close_journal(self) -> None:
+        """Stop the storing thread and let go of the journal folder (stop)."""
+        if self._ingester is not None:
+            self._ingest.put(None)
+            if self._ingester is not threading.current_thread():
+                self._ingester.join(timeout=5)
+            self._ingester = None
+        fd = self._journal_owner
+        if fd is None:
+            return
+        folder = journal_folder(self.project.repo, self.id)
+        if folder is not None:
+            remove_if_empty(folder)
+        os.close(fd)
+        self._journal_owner = None
 
     # -- spooling (FORMAT.md §18) ------------------------------------------------------------
 
@@ -687,6 +896,7 @@ class Experiment:
         if self._summary.detached:
             return
         self._may_spool = True  # the exit hook registered below waits for uploads
+        self._may_journal = True  # ... and for the storing thread
         self._heartbeat = threading.Thread(target=self._beat, name=f"keepsake-heartbeat-{self.short_id}", daemon=True)
         self._heartbeat.start()
         # FIX (tests/tracking/test_lifecycle.py): with atexit.register the hook ran after

@@ -9,7 +9,17 @@ import platform
 import socket
 import subprocess
 import sys
+from datetime import datetime, timezone
 from typing import Any
+
+
+def utc_now() -> str:
+    return datetime.now(timezone.utc).isoformat(timespec="microseconds")
+
+
+def experiment_ref(experiment_id: str) -> str:
+    """The ref that names an experiment's head."""
+    return f"experiments/{experiment_id}"
 
 
 def current_user() -> str:

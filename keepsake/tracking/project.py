@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 import secrets
 import time
@@ -15,6 +16,7 @@ from keepsake.errors import (
     AmbiguousObjectId,
     InvalidArgument,
     InvalidRefName,
+    KeepsakeError,
     ObjectNotFound,
     PathNotFound,
     RefConflict,
@@ -30,7 +32,9 @@ from keepsake.objects.worktree import write_tree
 from keepsake.project import find_project
 from keepsake.repository import Repository
 from keepsake.tracking import metadata
-from keepsake.tracking.experiment import Checkpoint, Experiment, experiment_ref, utc_now
+from keepsake.tracking.experiment import Checkpoint, Experiment
+from keepsake.tracking.journal import recover_journals
+from keepsake.tracking.metadata import experiment_ref, utc_now
 from keepsake.tracking.listing import ExperimentList, parse_filter
 from keepsake.tracking.summary import (
     CheckpointSummary,
@@ -49,6 +53,8 @@ SKIP_IN_CODE = frozenset(
 )
 EXPERIMENTS = "experiments/"
 TAGS = "tags/"
+
+log = logging.getLogger("keepsake")
 
 
 class Project:
@@ -134,6 +140,11 @@ class Project:
             if not os.path.isdir(code_dir):
                 raise PathNotFound(code_dir, "the code path must be a directory")
         repo = self._repo_for_writing()
+        # the next run finishes what a killed one left in its journals (FORMAT.md §19)
+        try:
+            recover_journals(repo)
+        except (KeepsakeError, OSError) as exc:
+            log.warning("keepsake: could not store the checkpoints left in journals: %s", exc)
         record_path = None
         with repo.objects.operation(), repo.objects.writer() as writer:
             code = None

@@ -15,7 +15,7 @@ from keepsake.objects.ids import ObjectId, ObjectType
 from keepsake.objects.records import HeadRecord
 from keepsake.refs.store import RefStore
 from keepsake.repository import Repository
-from keepsake.tracking.experiment import experiment_ref
+from keepsake.tracking.metadata import experiment_ref
 from keepsake.tracking.project import Project
 from keepsake.tracking.summary import SummaryCache, summary_key
 from tests.tracking.conftest import assert_fsck_clean, child_env, reader, spawn_python
@@ -34,6 +34,7 @@ def test_removing_a_checkpoint_while_the_experiment_runs(project: Project) -> No
     c0 = live.checkpoint(path="model.pt", metrics={"loss": 0.3})
     model.write_bytes(b"two")
     c1 = live.checkpoint(path="model.pt", metrics={"loss": 0.2})
+    assert live.sync()
 
     other = reader(project)
     other.remove_checkpoint(other.get(live.id).checkpoints[0])  # like `keepsake rm` elsewhere
@@ -41,6 +42,7 @@ def test_removing_a_checkpoint_while_the_experiment_runs(project: Project) -> No
 
     model.write_bytes(b"three")
     c2 = live.checkpoint(path="model.pt", metrics={"loss": 0.1})  # compare-and-swap lost, merged
+    assert live.sync()
     assert _head(project, live.id).checkpoints == (c1.id, c2.id)
     assert [c.id for c in live.checkpoints] == [c1.id, c2.id]
     assert c2.step == 2  # steps keep counting from what this process recorded
@@ -101,7 +103,7 @@ def test_a_deleted_or_stale_summary_is_rebuilt(project: Project) -> None:
 
 def test_deleting_a_running_experiment_stops_its_checkpoints(project: Project) -> None:
     e = project.start_experiment(path=None)
-    e.checkpoint(metrics={"loss": 1.0})
+    e.checkpoint(metrics={"loss": 1.0})  # stored from its journal, or not yet: either way
     reader(project).get(e.id).delete()
     with pytest.raises(InvalidArgument, match="deleted while it was running"):
         e.checkpoint(metrics={"loss": 0.5})

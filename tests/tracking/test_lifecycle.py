@@ -12,6 +12,7 @@ import pytest
 
 import keepsake.tracking.experiment as experiment_module
 from keepsake.errors import InvalidArgument
+from keepsake.tracking.journal import recover_journals
 from keepsake.tracking.project import Project
 from tests.tracking.conftest import assert_fsck_clean, reader, run_python, spawn_python
 
@@ -142,6 +143,9 @@ time.sleep(60)
         proc.communicate(timeout=10)
     monkeypatch.setattr(experiment_module, "HEARTBEAT_TIMEOUT", 0.5)
     time.sleep(0.6)
+    # what the next run (or `keepsake push`) does first: store what the killed one
+    # left in its journal, if its storing thread had not yet (FORMAT.md §19)
+    recover_journals(project.repo)
     got = reader(project).get(experiment_id)
     assert got.status == "lost"
     assert got._summary.status == "running"  # what it said before it died

@@ -38,6 +38,7 @@ def test_checkpoints_of_a_partly_changed_file_add_about_the_changed_bytes(projec
     e = project.start_experiment(path=None)
     path.write_bytes(b"".join(t.tobytes() for t in tensors))
     e.checkpoint(path="model.bin", metrics={"round": 0})
+    assert e.sync()
     growth = []
     for round_ in (1, 2):
         before = count_objects(project.repo).unique_bytes
@@ -46,6 +47,7 @@ def test_checkpoints_of_a_partly_changed_file_add_about_the_changed_bytes(projec
             tensors[i] = tensors[i] + rng.standard_normal(mib // 4).astype(np.float32) * 1e-3
         path.write_bytes(b"".join(t.tobytes() for t in tensors))
         e.checkpoint(path="model.bin", metrics={"round": round_})
+        assert e.sync()
         growth.append(count_objects(project.repo).unique_bytes - before)
     e.stop()
 
