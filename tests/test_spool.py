@@ -116,7 +116,8 @@ def test_checkpoints_return_while_the_server_is_down_and_arrive_after(private_s3
     c1 = e.checkpoint(path="model.bin", metrics={"loss": 0.2})  # returns with the server down
     model.write_bytes(b"overwritten at once")
     c2 = e.checkpoint(metrics={"loss": 0.1})
-    assert e._spool.pending
+    # stored into the spool by the storing thread (FORMAT.md §19), then queued for upload
+    wait_for(lambda: e._spool is not None and e._spool.pending, "uploads queued in the spool")
     assert read_file(c1, "model.bin") == second  # readable at once, from the spool
     assert [c.id for c in e.checkpoints] == [c0.id, c1.id, c2.id]
     wait_for(lambda: e._spool is not None and e._spool.state.attempts_failed >= 1, "a failed upload")

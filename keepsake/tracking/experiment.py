@@ -31,6 +31,7 @@ from keepsake.objects.manifests import Blob, check_entry_name
 from keepsake.objects.records import GOALS, CheckpointRecord, ExperimentRecord, HeadRecord
 from keepsake.objects.values import is_number, normalize
 from keepsake.objects.worktree import EarlierVersions, ObjectSink, checkout_tree, find_entry, write_subpath
+from keepsake.repository import Repository
 from keepsake.objects.sessions import Operation
 from keepsake.tracking.journal import (
     Journal,
@@ -176,10 +177,11 @@ class Experiment:
         #: (what training waits for) has the CPU and the GIL to itself
         self._may_store = threading.Event()
         self._may_store.set()
-        self._ingest: queue.Queue[tuple[Operation, str, CheckpointSummary] | None] = queue.Queue()
+        self._ingest: queue.Queue[tuple[Operation, str, CheckpointSummary, Spool | None] | None] = queue.Queue()
         self._ingester: threading.Thread | None = None
         self._ingest_error: BaseException | None = None
         self._journal_owner: int | None = None
+        self._journal_repo: Repository | None = None
         self._journal_sequence = 0
         self._may_journal = False
         self._uploaded_summary: Summary | None = None
@@ -415,15 +417,17 @@ class Experiment:
                 step = 0 if last is None else last + 1
             step = int(step)
             spool = self._spool_for_writing()
+            # files are captured into a journal and stored in the background (into the
+            # repository, or the spool); a checkpoint without files has nothing to capture,
+            # and is stored at once unless earlier ones are still being stored (they are
+            # published in order)
+            target = spool.repo if spool is not None else self.project.repo
+            journal = self._journal_for_writing(target) if relpath is not None or self._pending else None
+            if journal is not None:
+                return Checkpoint(self, self._checkpoint_journaled(target, spool, journal, relpath, step, metrics_n, primary))
             if spool is not None:
                 entry = self._checkpoint_spooled(spool, relpath, step, metrics_n, primary)
                 return Checkpoint(self, entry)
-            # files are captured into a journal and stored in the background; a checkpoint
-            # without files has nothing to capture, and is stored at once unless earlier
-            # ones are still being stored (they are published in order)
-            journal = self._journal_for_writing() if relpath is not None or self._pending else None
-            if journal is not None:
-                return Checkpoint(self, self._checkpoint_journaled(journal, relpath, step, metrics_n, primary))
             repo = self.project.repo
             # one operation from dedup snapshot to ref update: gc protects what it relies on
             with repo.objects.operation(), repo.objects.writer() as writer:
@@ -583,40 +587,51 @@ class Experiment:
         """Every checkpoint recorded so far: stored ones, then those still being stored."""
         return self._summary.checkpoints + tuple(self._pending)
 
-    def _journal_for_writing(self) -> str | None:
+    def _journal_for_writing(self, repo: Repository) -> str | None:
         """This experiment's journal folder, or None to store checkpoints before returning.
 
-        Journaled: live experiments (whose exit hook waits for the storing thread) on a
-        local-disk repository. KEEPSAKE_JOURNAL=off stores before returning.
+        Journaled: live experiments (whose exit hook waits for the storing thread) writing
+        into a repository on local disk: the project's, or the spool. KEEPSAKE_JOURNAL=off
+        stores before returning.
         """
-        if self._journal_owner is not None:
-            return journal_folder(self.project.repo, self.id)
+        if self._journal_repo is not None:
+            return journal_folder(self._journal_repo, self.id) if self._journal_repo is repo else None
         if not self._may_journal:
             return None
         self._may_journal = False  # decided once
         if os.environ.get("KEEPSAKE_JOURNAL", "").lower() in ("0", "off", "no"):
             return None
-        folder = journal_folder(self.project.repo, self.id)
+        folder = journal_folder(repo, self.id)
         if folder is None:
             return None
         fd = take_owner(os.path.join(folder, "owner"))
         if fd is None:  # another live process records this experiment
             return None
         self._journal_owner = fd
+        self._journal_repo = repo
         self._journal_sequence = next_sequence(folder)
         return folder
 
     def _checkpoint_journaled(
-        self, folder: str, relpath: str | None, step: int, metrics: dict[str, Any], primary: tuple[str, str] | None
+        self,
+        repo: Repository,
+        spool: Spool | None,
+        folder: str,
+        relpath: str | None,
+        step: int,
+        metrics: dict[str, Any],
+        primary: tuple[str, str] | None,
     ) -> CheckpointSummary:
         """Capture a checkpoint into a journal and queue it for the storing thread (caller
         holds self._lock). One write operation spans both: begun here, before the first
         dedup decision, and ended by the storing thread once the ref names the checkpoint."""
-        repo = self.project.repo
         db = repo.objects
         op = db.operation.begin()
         self._may_store.clear()
+        # a spool's prune (under its write lock) waits for the dedup decisions
+        holding = spool.write_lock if spool is not None else contextlib.nullcontext()
         try:
+            holding.__enter__()
             with db.operation.adopt(op):
                 sink = JournalWriter(db, folder, self._journal_sequence, self._queued)
                 try:
@@ -629,6 +644,7 @@ class Experiment:
             db.operation.end(op, quiet=True)
             raise
         finally:
+            holding.__exit__(None, None, None)
             self._may_store.set()
         self._journal_sequence += 1
         self._pending.append(entry)
@@ -638,7 +654,7 @@ class Experiment:
                 target=self._store_loop, name=f"keepsake-store-{self.short_id}", daemon=True
             )
             self._ingester.start()
-        self._ingest.put((op, path, entry))
+        self._ingest.put((op, path, entry, spool))
         return entry
 
     def _store_loop(self) -> None:
@@ -656,10 +672,11 @@ class Experiment:
             finally:
                 self._ingest.task_done()
 
-    def _store_journaled(self, op: Operation, path: str, entry: CheckpointSummary) -> None:
-        """Store one journal and publish its checkpoint (the storing thread). After a
-        failure the later journals wait on disk: checkpoints are published in order."""
-        db = self.project.repo.objects
+    def _store_journaled(self, op: Operation, path: str, entry: CheckpointSummary, spool: Spool | None) -> None:
+        """Store one journal and publish its checkpoint (the storing thread): into the
+        repository, or into the spool and on to the uploader. After a failure the later
+        journals wait on disk: checkpoints are published in order."""
+        db = (spool.repo if spool is not None else self.project.repo).objects
         try:
             if self._ingest_error is not None:
                 return
@@ -672,7 +689,11 @@ class Experiment:
                     self._may_store.wait()
                     writer.flush()  # outside the lock: checkpoint() may take the next one meanwhile
                     with self._lock:
-                        self._publish(lambda ids: ids + (entry.id,), "running", added=entry, writer=writer)
+                        if spool is not None:
+                            with spool.write_lock:
+                                self._record_spooled(spool, writer, self._summary.checkpoints + (entry,), "running")
+                        else:
+                            self._publish(lambda ids: ids + (entry.id,), "running", added=entry, writer=writer)
                         self._pending.remove(entry)
                         if not self._pending:
                             self._queued = frozenset()
@@ -703,12 +724,14 @@ class Experiment:
         print it and say where they are kept); if one had to be dropped (its experiment was
         deleted meanwhile), raise the storing thread's error."""
         error = self._ingest_error
-        if error is None:
+        repo = self._journal_repo
+        if error is None or repo is None:
             return
-        folder = journal_folder(self.project.repo, self.id)
+        folder = journal_folder(repo, self.id)
         assert folder is not None
+        spool = self._spool
         try:
-            results = store_journals(self.project.repo, folder)
+            results = store_journals(repo, folder, spool.remote if spool is not None else None)
         except Exception as exc:  # noqa: BLE001 - still failing: they stay in the journal
             if not report:
                 raise
@@ -721,8 +744,21 @@ class Experiment:
         self._ingest_error = None
         self._pending.clear()
         self._queued = frozenset()
-        with contextlib.suppress(KeepsakeError):
-            self._summary = self.project.load_summary(self.id)
+        if spool is not None:
+            # stored into the spool with its ref moved there: the uploader sends it on
+            with contextlib.suppress(KeepsakeError):
+                head_id = repo.refs.get(spool.ref)
+                head = HeadRecord.decode(repo.objects.get(head_id, ObjectType.HEAD), head_id)
+                known = {c.id: c for c in self._recorded()}
+                checkpoints = tuple(known[c] if c in known else self.project.checkpoint_summary(c) for c in head.checkpoints)
+                self._summary = replace(self._summary, head=head_id, checkpoints=checkpoints)
+                with self._remote_lock:
+                    self._spooled_heads[head_id] = self._summary
+                spool.reader.refresh()
+                spool.submit(head_id)
+        else:
+            with contextlib.suppress(KeepsakeError):
+                self._summary = self.project.load_summary(self.id)
         if any(not r.stored for r in results) and not report:
             raise error
 
@@ -734,9 +770,9 @@ class Experiment:
                 self._ingester.join(timeout=5)
             self._ingester = None
         fd = self._journal_owner
-        if fd is None:
+        if fd is None or self._journal_repo is None:
             return
-        folder = journal_folder(self.project.repo, self.id)
+        folder = journal_folder(self._journal_repo, self.id)
         if folder is not None:
             remove_if_empty(folder)
         os.close(fd)

@@ -271,6 +271,13 @@ class Recovered:
 
 def recover_journals(repo: Repository) -> list[Recovered]:
     """Store the checkpoints of journals whose process is gone (FORMAT.md §19)."""
+    return store_journals_of(repo)
+
+
+def store_journals_of(repo: Repository, remote: Repository | None = None) -> list[Recovered]:
+    """:func:`recover_journals`; for a spool (§18), ``remote`` is its remote repository: a
+    journal may rely on objects the spool pruned after uploading them, and the spool's ref
+    starts from the remote's head."""
     root = journal_folder(repo)
     if root is None or not os.path.isdir(root):
         return []
@@ -282,18 +289,18 @@ def recover_journals(repo: Repository) -> list[Recovered]:
         with _locked(os.path.join(folder, OWNER)) as ours:
             if not ours:
                 continue  # its process is alive and storing them itself
-            done.extend(store_journals(repo, folder))
+            done.extend(store_journals(repo, folder, remote))
             remove_if_empty(folder)
     return done
 
 
-def store_journals(repo: Repository, folder: str) -> list[Recovered]:
+def store_journals(repo: Repository, folder: str, remote: Repository | None = None) -> list[Recovered]:
     """Store every journal in ``folder`` in order, as recovery does; the caller holds the
     folder's owner lock. Unfinished journals (a checkpoint that never returned) are removed."""
     out = []
     stored: set[ObjectId] = set()  # by the journals before: the later ones rely on them
     for path in journals_in(folder):
-        out.append(_recover_one(repo, path, stored))
+        out.append(_recover_one(repo, path, stored, remote))
     for n in os.listdir(folder):
         if n.startswith(TEMP_PREFIX):
             with contextlib.suppress(FileNotFoundError):
@@ -303,15 +310,18 @@ def store_journals(repo: Repository, folder: str) -> list[Recovered]:
 
 def remove_if_empty(folder: str) -> None:
     """Remove an experiment's journal folder once it holds no journal (caller holds its owner lock)."""
-    if journals_in(folder) or any(n.startswith(TEMP_PREFIX) for n in os.listdir(folder)):
-        return
+    try:
+        if journals_in(folder) or any(n.startswith(TEMP_PREFIX) for n in os.listdir(folder)):
+            return
+    except FileNotFoundError:
+        return  # gone with its spool
     with contextlib.suppress(FileNotFoundError):
         os.unlink(os.path.join(folder, OWNER))
     with contextlib.suppress(OSError):
         os.rmdir(folder)
 
 
-def _recover_one(repo: Repository, path: str, stored: set[ObjectId]) -> Recovered:
+def _recover_one(repo: Repository, path: str, stored: set[ObjectId], remote: Repository | None) -> Recovered:
     try:
         journal = Journal.read(path)
     except CorruptJournal as exc:
@@ -322,12 +332,12 @@ def _recover_one(repo: Repository, path: str, stored: set[ObjectId]) -> Recovere
     try:
         db = repo.objects
         with db.operation(), db.writer() as writer:
-            why = _check(db, journal, stored, repo.refs.get)
+            why = _check(db, journal, stored, repo.refs.get, remote.objects.has if remote is not None else None)
             if not why:
                 for object_type, oid, view in journal.views():
                     writer.put(object_type, view, oid)
                 writer.flush()
-                why = append_checkpoint(repo, writer, journal.experiment, journal.checkpoint)
+                why = append_checkpoint(repo, writer, journal.experiment, journal.checkpoint, remote)
                 if not why:
                     stored.update(oid for _, oid, _, _ in journal.objects)
     finally:
@@ -338,7 +348,13 @@ def _recover_one(repo: Repository, path: str, stored: set[ObjectId]) -> Recovere
     return Recovered(path, journal.experiment, journal.checkpoint, not why, why)
 
 
-def _check(db: ObjectDB, journal: Journal, stored: set[ObjectId], ref_reader: RefReader) -> str:
+def _check(
+    db: ObjectDB,
+    journal: Journal,
+    stored: set[ObjectId],
+    ref_reader: RefReader,
+    elsewhere: Callable[[ObjectId], bool] | None = None,
+) -> str:
     """Why ``journal`` cannot be stored ("" when it can): a torn object, or an object it
     relies on that the repository no longer has. Objects in ``stored`` (just stored from
     the experiment's earlier journals) count as present even if gc has doomed an older copy."""
@@ -360,6 +376,8 @@ def _check(db: ObjectDB, journal: Journal, stored: set[ObjectId], ref_reader: Re
         # this run stored it again after the doomed list was written
         reachable = _reachable_from_head(db, journal.experiment, ref_reader)
         missing = [oid for oid in missing if not (db.has(oid) and oid in reachable)]
+    if missing and elsewhere is not None:
+        missing = [oid for oid in missing if not elsewhere(oid)]
     if missing:
         return f"{len(missing)} object(s) it relies on are no longer stored (e.g. {missing[0]})"
     return ""
@@ -379,23 +397,39 @@ def _reachable_from_head(db: ObjectDB, experiment: ObjectId, ref_reader: RefRead
             continue
         seen.add(oid)
         if object_type != ObjectType.CHUNK:
-            todo.extend(referenced_ids(object_type, db.get(oid, object_type), oid))
+            try:
+                content = db.get(oid, object_type)
+            except KeepsakeError:  # not here (a spool's pruned object): not reachable *here*
+                continue
+            todo.extend(referenced_ids(object_type, content, oid))
     return seen
 
 
-def append_checkpoint(repo: Repository, writer: object, experiment: ObjectId, checkpoint: ObjectId) -> str:
+def append_checkpoint(
+    repo: Repository, writer: object, experiment: ObjectId, checkpoint: ObjectId, remote: Repository | None = None
+) -> str:
     """Append ``checkpoint`` to ``experiment``'s head by compare-and-swap (``writer`` is an
-    ObjectWriter of the caller's write operation); returns "" or why it could not."""
+    ObjectWriter of the caller's write operation); returns "" or why it could not. In a
+    spool (``remote`` given) whose ref is not set yet, the head the remote's ref names is
+    the one appended to."""
     from keepsake.objects.database import ObjectWriter
 
     assert isinstance(writer, ObjectWriter)
     ref = experiment_ref(experiment)
     for _ in range(10):
+        current: ObjectId | None
         try:
             current = repo.refs.get(ref)
+            theirs = HeadRecord.decode(repo.objects.get(current, ObjectType.HEAD), current)
         except RefNotFound:
-            return "its experiment was deleted"
-        theirs = HeadRecord.decode(repo.objects.get(current, ObjectType.HEAD), current)
+            if remote is None:
+                return "its experiment was deleted"
+            try:
+                base = remote.refs.get(ref)
+            except RefNotFound:
+                return "its experiment was deleted"
+            current = None
+            theirs = HeadRecord.decode(remote.objects.get(base, ObjectType.HEAD), base)
         if checkpoint in theirs.checkpoints:
             return ""  # stored already (the process died after its ref update)
         head = HeadRecord(experiment, theirs.checkpoints + (checkpoint,), theirs.status, utc_now())

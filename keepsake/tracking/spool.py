@@ -35,6 +35,7 @@ from keepsake.objects.ids import ObjectId, ObjectType
 from keepsake.objects.pack import PackEntry, PackId, encode_index, index_key, pack_id_of_key
 from keepsake.objects.records import CheckpointRecord, HeadRecord, referenced_ids
 from keepsake.repository import Repository, cache_root
+from keepsake.tracking.journal import store_journals_of
 from keepsake.storage import Storage
 from keepsake.transfer import BEHIND, CONFLICT, TransferResult, TransferStats, init_like, transfer
 
@@ -199,6 +200,9 @@ def flush_spools(
             try:
                 spool = Repository.open(path)
                 try:
+                    if not dry_run:
+                        # checkpoints the process captured but had not stored yet (§19)
+                        store_journals_of(spool, remote)
                     done.result = transfer(
                         spool, remote, partial=True, progress=progress, workers=UPLOAD_WORKERS, dry_run=dry_run
                     )
