@@ -357,3 +357,44 @@ def test_the_tracking_flow_on_object_stores(
     assert (tmp_path / "out1" / "model.bin").read_bytes() == model.read_bytes()
     assert "1 up to date" in runner.invoke(cli, ["push"], catch_exceptions=False).output  # local -> object store
     assert_fsck_clean(Repository.open(url, options))
+
+
+def test_checkpoints_a_dead_run_only_captured_are_uploaded_by_push(s3_server: S3Server, project_dir: Path) -> None:
+    """checkpoint() returned, but the storing thread never put them into the spool (FORMAT.md
+    §19): `keepsake push` stores them from the spool's journal, then uploads them."""
+    url = s3_server.new_url("journaled")
+    options = s3_server.storage_options
+    write_project_config(project_dir, url, options)
+    code = """
+        import os, threading, keepsake
+        from keepsake.tracking import experiment as experiment_module
+        from tests.test_spool import payload
+        e = keepsake.init(path=None)
+        open("model.bin", "wb").write(payload(20, 600_000))
+        print(e.checkpoint(path="model.bin", step=0).id, flush=True)
+        assert e.sync()
+        experiment_module.Experiment._store_journaled = lambda self, *args: threading.Event().wait()
+        for step in (1, 2):
+            open("model.bin", "wb").write(payload(20, 300_000) + payload(20 + step, 300_000))
+            print(e.checkpoint(path="model.bin", step=step).id, flush=True)
+        os._exit(0)  # dies with two checkpoints captured and not stored
+    """
+    done = subprocess.run(
+        [sys.executable, "-c", textwrap.dedent(code)], cwd=project_dir, env=child_env(), capture_output=True, text=True, timeout=120
+    )
+    assert done.returncode == 0, done.stderr
+    returned = done.stdout.split()
+    remote = Repository.open(url, options)
+    [experiment_id] = spools_of(remote)
+    project = Project(repository=url, directory=str(project_dir), storage_options=options)
+    assert [c.id for c in project.get(experiment_id).checkpoints] == returned[:1]
+
+    pushed = subprocess.run([KEEPSAKE, "push"], cwd=project_dir, env=child_env(), capture_output=True, text=True, timeout=300)
+    assert pushed.returncode == 0, pushed.stderr
+    assert spools_of(remote) == []
+    project = Project(repository=url, directory=str(project_dir), storage_options=options)
+    got = project.get(experiment_id)
+    assert [c.id for c in got.checkpoints] == returned
+    assert read_file(got.checkpoints[2], "model.bin") == payload(20, 300_000) + payload(22, 300_000)
+    assert read_file(got.checkpoints[0], "model.bin") == payload(20, 600_000)
+    assert_fsck_clean(Repository.open(url, options))

@@ -36,7 +36,7 @@ from dataclasses import dataclass
 
 import msgpack
 
-from keepsake.errors import CorruptObject, KeepsakeError, RefConflict, RefNotFound
+from keepsake.errors import CorruptObject, KeepsakeError, ObjectNotFound, RefConflict, RefNotFound
 from keepsake.objects.database import ObjectDB
 from keepsake.objects.ids import ObjectId, ObjectType, hash_object, id_from_bytes, id_to_bytes
 from keepsake.objects.records import HeadRecord, referenced_ids
@@ -405,6 +405,16 @@ def _reachable_from_head(db: ObjectDB, experiment: ObjectId, ref_reader: RefRead
     return seen
 
 
+def _get_head(repo: Repository, remote: Repository | None, head_id: ObjectId) -> bytes:
+    """A head object; from a spool's remote when the spool pruned it after uploading it."""
+    try:
+        return repo.objects.get(head_id, ObjectType.HEAD)
+    except ObjectNotFound:
+        if remote is None:
+            raise
+        return remote.objects.get(head_id, ObjectType.HEAD)
+
+
 def append_checkpoint(
     repo: Repository, writer: object, experiment: ObjectId, checkpoint: ObjectId, remote: Repository | None = None
 ) -> str:
@@ -420,7 +430,7 @@ def append_checkpoint(
         current: ObjectId | None
         try:
             current = repo.refs.get(ref)
-            theirs = HeadRecord.decode(repo.objects.get(current, ObjectType.HEAD), current)
+            theirs = HeadRecord.decode(_get_head(repo, remote, current), current)
         except RefNotFound:
             if remote is None:
                 return "its experiment was deleted"
