@@ -44,6 +44,7 @@ from keepsake.objects.database import ObjectDB
 from keepsake.objects.ids import ObjectId
 from keepsake.objects.manifests import MODE_EXECUTABLE, MODE_TREE, TreeEntry, check_entry_name
 from keepsake.objects.worktree import checkout_tree, find_entry, write_file
+from keepsake.tracking.journal import waiting_journals
 from keepsake.tracking.experiment import Checkpoint, Experiment
 from keepsake.tracking.listing import (
     ExperimentList,
@@ -275,6 +276,12 @@ def _list_command(
         return
     for line in ls_table(experiments, all_columns, tags):
         click.echo(line)
+    left = waiting_journals(project.repo)
+    if left:
+        info(
+            f"{left} checkpoint(s) of runs that ended before storing them wait in journals "
+            f"(docs/FORMAT.md §19): \"keepsake push\" stores them"
+        )
 
 
 @click.command("ls")

@@ -294,6 +294,33 @@ def store_journals_of(repo: Repository, remote: Repository | None = None) -> lis
     return done
 
 
+def waiting_journals(repo: Repository) -> int:
+    """How many journals processes that are gone left in ``repo`` (read only: no lock file
+    is created; a folder whose owner file is missing or free counts as left)."""
+    root = journal_folder(repo)
+    if root is None or not os.path.isdir(root):
+        return 0
+    waiting = 0
+    for name in os.listdir(root):
+        folder = os.path.join(root, name)
+        found = journals_in(folder)
+        if not found:
+            continue
+        try:
+            fd = os.open(os.path.join(folder, OWNER), os.O_RDONLY)
+        except FileNotFoundError:
+            waiting += len(found)
+            continue
+        try:
+            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        except OSError:
+            continue  # its process is alive and storing them
+        finally:
+            os.close(fd)
+        waiting += len(found)
+    return waiting
+
+
 def store_journals(repo: Repository, folder: str, remote: Repository | None = None) -> list[Recovered]:
     """Store every journal in ``folder`` in order, as recovery does; the caller holds the
     folder's owner lock. Unfinished journals (a checkpoint that never returned) are removed."""

@@ -244,3 +244,14 @@ print(e.id)
     assert steps_and_files(project, experiment_id) == ALL_THREE
     assert reader(project).get(experiment_id).status == "stopped"
     assert journals(project) == [] and not os.listdir(Path(project.repository, FOLDER))
+
+
+def test_ls_says_when_a_killed_run_left_checkpoints_in_journals(project: Project) -> None:
+    experiment_id = killed_with_journals(project)
+    listed = CliRunner().invoke(cli, ["-R", project.repository, "ls"], catch_exceptions=False)
+    assert listed.exit_code == 0
+    assert "2 checkpoint(s) of runs that ended before storing them" in listed.output
+    assert journals(project) != []  # listing only reads: nothing stored, no lock files made
+    CliRunner().invoke(cli, ["-R", project.repository, "push"], catch_exceptions=False)
+    listed = CliRunner().invoke(cli, ["-R", project.repository, "ls"], catch_exceptions=False)
+    assert "journals" not in listed.output and experiment_id[:7] in listed.output
