@@ -57,6 +57,9 @@ HEARTBEAT_INTERVAL = 10.0
 HEARTBEAT_TIMEOUT = 60.0
 #: niceness of the thread that stores journaled checkpoints (and of its compression threads)
 STORE_NICENESS = 10
+#: checkpoint() waits while the journals not yet stored hold more than this many bytes: disk
+#: and page cache stay bounded when checkpoints come faster than they can be stored
+JOURNAL_BACKLOG = 1 << 30
 #: stop() prints one line about a wait for uploads longer than this when stderr is not a TTY
 QUIET_WAIT = 3.0
 
@@ -177,6 +180,9 @@ class Experiment:
         #: (what training waits for) has the CPU and the GIL to itself
         self._may_store = threading.Event()
         self._may_store.set()
+        #: bytes of each pending checkpoint's journal; notified as they are stored
+        self._backlog: dict[ObjectId, int] = {}
+        self._stored = threading.Condition()
         self._ingest: queue.Queue[tuple[Operation, str, CheckpointSummary, Spool | None] | None] = queue.Queue()
         self._ingester: threading.Thread | None = None
         self._ingest_error: BaseException | None = None
@@ -410,6 +416,7 @@ class Experiment:
             raise InvalidArgument(f"step must be an integer, not {type(step).__name__}")
         relpath = self.project.relative_path(path) if path is not None else None
         self._raise_ingest_error()
+        self._wait_for_backlog()
         with self._lock:
             previous = self._recorded()
             if step is None:
@@ -649,6 +656,8 @@ class Experiment:
         self._journal_sequence += 1
         self._pending.append(entry)
         self._queued |= sink.ids
+        with self._stored:
+            self._backlog[entry.id] = sink.bytes_written
         if self._ingester is None:
             self._ingester = threading.Thread(
                 target=self._store_loop, name=f"keepsake-store-{self.short_id}", daemon=True
@@ -703,6 +712,22 @@ class Experiment:
             log.error("keepsake: checkpoint %s of experiment %s could not be stored yet: %s", entry.id[:7], self.short_id, exc)
         finally:
             db.operation.end(op, quiet=True)
+            with self._stored:
+                if self._ingest_error is None:
+                    self._backlog.pop(entry.id, None)
+                self._stored.notify_all()
+
+    def _wait_for_backlog(self) -> None:
+        """Wait while the journals not yet stored hold more than JOURNAL_BACKLOG bytes (not
+        after a failure: the next checkpoint deals with that)."""
+        with self._stored:
+            while (
+                sum(self._backlog.values()) > JOURNAL_BACKLOG
+                and self._ingest_error is None
+                and self._ingester is not None
+                and self._ingester is not threading.current_thread()
+            ):
+                self._stored.wait(1.0)
 
     def _settle(self) -> None:
         """Wait until the storing thread has handled every journaled checkpoint."""
@@ -743,6 +768,8 @@ class Experiment:
             return
         self._ingest_error = None
         self._pending.clear()
+        with self._stored:
+            self._backlog.clear()
         self._queued = frozenset()
         if spool is not None:
             # stored into the spool with its ref moved there: the uploader sends it on

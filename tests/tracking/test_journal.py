@@ -255,3 +255,23 @@ def test_ls_says_when_a_killed_run_left_checkpoints_in_journals(project: Project
     CliRunner().invoke(cli, ["-R", project.repository, "push"], catch_exceptions=False)
     listed = CliRunner().invoke(cli, ["-R", project.repository, "ls"], catch_exceptions=False)
     assert "journals" not in listed.output and experiment_id[:7] in listed.output
+
+
+def test_checkpoint_waits_while_the_backlog_is_too_big(
+    project: Project, held: threading.Event, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(experiment_module, "JOURNAL_BACKLOG", 2 * MIB)
+    model = Path(project.directory) / "model.bin"
+    e = project.start_experiment(path=None)
+    model.write_bytes(model_bytes(0))
+    e.checkpoint(path="model.bin", step=0)  # 4 MiB journaled: over the backlog now
+    model.write_bytes(model_bytes(1))
+    second = threading.Thread(target=e.checkpoint, kwargs={"path": "model.bin", "step": 1})
+    second.start()
+    second.join(0.5)
+    assert second.is_alive() and len(journals(project)) == 1  # waits, captured nothing yet
+    held.set()
+    second.join(10)
+    assert not second.is_alive()
+    e.stop()
+    assert steps_and_files(project, e.id) == [(0, model_bytes(0)), (1, model_bytes(1))]
