@@ -686,6 +686,9 @@ class Experiment:
         repository, or into the spool and on to the uploader. After a failure the later
         journals wait on disk: checkpoints are published in order."""
         db = (spool.repo if spool is not None else self.project.repo).objects
+        if spool is not None:
+            with spool.write_lock:
+                spool.storing += 1  # its packs are not named by the spool's ref yet: no prune
         try:
             if self._ingest_error is not None:
                 return
@@ -711,6 +714,9 @@ class Experiment:
             self._ingest_error = exc
             log.error("keepsake: checkpoint %s of experiment %s could not be stored yet: %s", entry.id[:7], self.short_id, exc)
         finally:
+            if spool is not None:
+                with spool.write_lock:
+                    spool.storing -= 1
             db.operation.end(op, quiet=True)
             with self._stored:
                 if self._ingest_error is None:

@@ -262,6 +262,10 @@ class Spool:
         self.reader = SpoolReader(repo.storage, remote.objects)
         #: held while a checkpoint writes into the spool; a prune takes it too
         self.write_lock = threading.Lock()
+        #: checkpoints being stored into the spool from their journals (FORMAT.md §19), whose
+        #: packs no ref names yet: a prune waits for the next upload while there are any
+        #: (changed under write_lock)
+        self.storing = 0
         self.state = UploadState(uploaded=uploaded)
         try:
             # a spool left by an earlier process recording this experiment (attach)
@@ -458,7 +462,7 @@ class Spool:
         what the remote holds).
         """
         with self.write_lock:
-            if self.repo.refs.get(self.ref) != published:
+            if self.storing or self.repo.refs.get(self.ref) != published:
                 return
             db = self.repo.objects
             db.refresh()
