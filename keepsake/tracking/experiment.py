@@ -611,7 +611,7 @@ class Experiment:
         folder = journal_folder(repo, self.id)
         if folder is None:
             return None
-        fd = take_owner(os.path.join(folder, "owner"))
+        fd = take_owner(os.path.join(folder, "owner"), wait=True)
         if fd is None:  # another live process records this experiment
             return None
         self._journal_owner = fd

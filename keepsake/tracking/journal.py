@@ -83,19 +83,41 @@ def _locked(path: str) -> Iterator[bool]:
             os.close(fd)
 
 
-def take_owner(path: str) -> int | None:
-    """Lock the owner file ``path`` (created if missing) for this process; returns the file
-    descriptor that holds the lock (closing it releases it), or None if a live process has it."""
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except OSError as exc:
-        os.close(fd)
-        if exc.errno in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
+def take_owner(path: str, wait: bool = False) -> int | None:
+    """Lock the owner file ``path`` for this process; returns the file descriptor that holds
+    the lock (closing it releases it), or None.
+
+    ``wait=False`` (recovery): None when a live process holds it, or when the folder is gone.
+    ``wait=True`` (the recording process, for its own new experiment's folder): creates the
+    folder and file, waits for a recoverer that holds the lock meanwhile, and starts over
+    when that recoverer removed the folder. Either way the lock is on the file that is at
+    ``path`` now (a lock on a file a recoverer just unlinked protects nothing).
+    """
+    while True:
+        if wait:
+            os.makedirs(os.path.dirname(path), exist_ok=True)
+        try:
+            fd = os.open(path, os.O_RDWR | (os.O_CREAT if wait else 0), 0o644)
+        except FileNotFoundError:
+            if wait:
+                continue  # removed between makedirs and open: again
             return None
-        raise
-    return fd
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX if wait else fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as exc:
+            os.close(fd)
+            if exc.errno in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
+                return None
+            raise
+        try:
+            current = os.stat(path).st_ino == os.fstat(fd).st_ino
+        except FileNotFoundError:
+            current = False
+        if current:
+            return fd
+        os.close(fd)
+        if not wait:
+            return None
 
 
 class JournalWriter:

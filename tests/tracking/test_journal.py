@@ -20,7 +20,7 @@ from keepsake.cli.main import cli
 from keepsake.errors import StorageError
 from keepsake.objects.database import ObjectWriter
 from keepsake.tracking import experiment as experiment_module
-from keepsake.tracking.journal import FOLDER, SUFFIX, Journal, recover_journals
+from keepsake.tracking.journal import FOLDER, SUFFIX, Journal, recover_journals, remove_if_empty, take_owner
 from keepsake.tracking.project import Project
 from tests.tracking.conftest import assert_fsck_clean, child_env, reader, spawn_python
 
@@ -275,3 +275,30 @@ def test_checkpoint_waits_while_the_backlog_is_too_big(
     assert not second.is_alive()
     e.stop()
     assert steps_and_files(project, e.id) == [(0, model_bytes(0)), (1, model_bytes(1))]
+
+
+def test_a_recoverer_removing_a_new_folder_does_not_steal_its_owner(tmp_path: Path) -> None:
+    """The recording process locks its new journal folder while a recoverer (another run's
+    start, push, gc) holds it and removes it as empty: the recording process must end up
+    holding the owner file that is there now, so the next recoverer keeps out."""
+    folder = tmp_path / "journal" / ("ab" * 16)
+    folder.mkdir(parents=True)
+    owner = str(folder / "owner")
+    (folder / "owner").touch()
+    recoverer = take_owner(owner)
+    assert recoverer is not None
+    got: list[int | None] = []
+    live = threading.Thread(target=lambda: got.append(take_owner(owner, wait=True)))
+    live.start()
+    live.join(0.3)
+    assert live.is_alive()  # waits for the recoverer
+    remove_if_empty(str(folder))  # the recoverer found no journal: removes the folder
+    os.close(recoverer)
+    live.join(5)
+    [fd] = got
+    assert fd is not None and os.fstat(fd).st_ino == os.stat(owner).st_ino
+    assert take_owner(owner) is None  # held by the live process
+    os.close(fd)
+    again = take_owner(owner)
+    assert again is not None
+    os.close(again)
