@@ -635,11 +635,10 @@ class Experiment:
         db = repo.objects
         op = db.operation.begin()
         self._may_store.clear()
-        # a spool's prune (under its write lock) waits for the dedup decisions
-        holding = spool.write_lock if spool is not None else contextlib.nullcontext()
         try:
-            holding.__enter__()
-            with db.operation.adopt(op):
+            with contextlib.ExitStack() as holding, db.operation.adopt(op):
+                if spool is not None:
+                    holding.enter_context(spool.write_lock)  # a prune waits for the dedup decisions
                 sink = JournalWriter(db, folder, self._journal_sequence, self._queued)
                 try:
                     entry = self._write_checkpoint(sink, repo.chunker, relpath, step, metrics, primary)
@@ -651,7 +650,6 @@ class Experiment:
             db.operation.end(op, quiet=True)
             raise
         finally:
-            holding.__exit__(None, None, None)
             self._may_store.set()
         self._journal_sequence += 1
         self._pending.append(entry)
