@@ -264,7 +264,7 @@ def _plan(
 
     def missing(oid: ObjectId) -> bool:
         # an object gc has doomed at the destination counts as absent there (FORMAT.md §11)
-        return not dst.has(oid) or dst.doomed.contains(oid)
+        return not dst.has_live(oid)
 
     reachable, envelopes, children = _walk(source.objects, roots, missing, workers, dst.has if partial else None)
     needed: dict[ObjectId, PackEntry] = {}

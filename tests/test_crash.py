@@ -179,6 +179,13 @@ class Harness:
         started = [e["experiment"] for e in events if e.get("phase") == "started"]
         return Outcome(killed, hit, saved, started, events)
 
+    def train(self, kind: str, ops_guess: int, time_guess: float, **config: Any) -> Outcome:
+        """A training child (tests/crash_child.py, mode train) in a new project folder:
+        ``config`` on top of the settings every training trial shares."""
+        project = self.root / f"project-{self.trial + 1}"
+        common = {"mode": "train", "repo": self.repo_url, "project": str(project), "seed": self.rnd.randrange(1 << 30), "pool_seed": SEED}
+        return self.run(kind, {**common, **config}, ops_guess=ops_guess, time_guess=time_guess)
+
     def _wait_for(self, proc: subprocess.Popen[bytes], log_path: Path, event: str) -> float:
         """Wait until the child logs ``event`` ("ready" or "started"); returns the time."""
         needle = f'"{event}"'.encode()
@@ -357,24 +364,8 @@ def test_sigkill_during_checkpoints_and_gc(harness: Harness) -> None:
     h = harness
     for _ in range(7):
         for n in range(3):
-            project = h.root / f"project-{h.trial + 1}"
-            outcome = h.run(
-                "checkpoint",
-                {
-                    "mode": "train",
-                    "repo": h.repo_url,
-                    "project": str(project),
-                    "seed": h.rnd.randrange(1 << 30),
-                    "pool_seed": SEED,
-                    "blocks": BLOCKS,
-                    "block": BLOCK,
-                    # more than a kill plan ever lets it finish: every kill lands
-                    "steps": 12,
-                    "metrics_only": False,
-                },
-                ops_guess=45,
-                time_guess=1.5,
-            )
+            # more than a kill plan ever lets it finish: every kill lands
+            outcome = h.train("checkpoint", 45, 1.5, blocks=BLOCKS, block=BLOCK, steps=12, metrics_only=False)
             h.record(outcome)
             h.after_kill("during checkpoints")
             if n == 0:
@@ -394,24 +385,8 @@ def test_sigkill_during_index_merges_and_push(harness: Harness) -> None:
     mirror = str(h.root / "mirror")
     for _ in range(7):
         for _ in range(2):
-            project = h.root / f"project-{h.trial + 1}"
-            outcome = h.run(
-                "merge",
-                {
-                    "mode": "train",
-                    "repo": h.repo_url,
-                    "project": str(project),
-                    "seed": h.rnd.randrange(1 << 30),
-                    "pool_seed": SEED,
-                    "blocks": 4,
-                    "block": 32 << 10,
-                    "steps": 12,
-                    "metrics_only": True,
-                    "merge_at": 8,
-                    "kill_scope": "merge",
-                },
-                ops_guess=12,
-                time_guess=1.0,
+            outcome = h.train(
+                "merge", 12, 1.0, blocks=4, block=32 << 10, steps=12, metrics_only=True, merge_at=8, kill_scope="merge"
             )
             h.record(outcome)
             h.after_kill("during index merges")

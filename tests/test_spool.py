@@ -398,3 +398,41 @@ def test_checkpoints_a_dead_run_only_captured_are_uploaded_by_push(s3_server: S3
     assert read_file(got.checkpoints[2], "model.bin") == payload(20, 300_000) + payload(22, 300_000)
     assert read_file(got.checkpoints[0], "model.bin") == payload(20, 600_000)
     assert_fsck_clean(Repository.open(url, options))
+
+
+def test_a_checkpoint_that_failed_to_reach_the_spool_is_stored_by_the_next(
+    s3_server: S3Server, project_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The storing thread fails to write a journaled checkpoint into the spool (FORMAT.md
+    §19); the next checkpoint() stores it first, and the uploader sends both, in order."""
+    import threading
+
+    from keepsake.errors import StorageError
+    from keepsake.objects.database import ObjectWriter
+
+    url = s3_server.new_url("leftover")
+    options = s3_server.storage_options
+    e = keepsake.init(path=None, repository=url, directory=str(project_dir), storage_options=options)
+    (project_dir / "model.bin").write_bytes(payload(30, 400_000))
+    c0 = e.checkpoint(path="model.bin", step=0)
+    assert e.sync()
+    real_flush = ObjectWriter.flush
+    failures = [1]
+
+    def flush(self: ObjectWriter) -> None:
+        if failures[0] and threading.current_thread().name.startswith("keepsake-store"):
+            failures[0] -= 1
+            raise StorageError(str(project_dir), "write", OSError(28, "No space left on device"))
+        real_flush(self)
+
+    monkeypatch.setattr(ObjectWriter, "flush", flush)
+    (project_dir / "model.bin").write_bytes(payload(30, 200_000) + payload(31, 200_000))
+    c1 = e.checkpoint(path="model.bin", step=1)
+    e._settle()
+    assert e._ingest_error is not None and not failures[0]
+    c2 = e.checkpoint(metrics={"loss": 0.1}, step=2)  # stores c1 from its journal first
+    e.stop()
+    got = Project(repository=url, directory=str(project_dir), storage_options=options).get(e.id)
+    assert [c.id for c in got.checkpoints] == [c0.id, c1.id, c2.id]
+    assert read_file(got.checkpoints[1], "model.bin") == payload(30, 200_000) + payload(31, 200_000)
+    assert_fsck_clean(Repository.open(url, options))

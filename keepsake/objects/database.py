@@ -147,6 +147,11 @@ class ObjectDB:
         self._ensure_loaded()
         return object_id in self._entries
 
+    def has_live(self, object_id: ObjectId) -> bool:
+        """Whether a writer may rely on the stored copy of ``object_id``: it is stored and
+        no gc has doomed it (a doomed object is stored again instead, FORMAT.md §11)."""
+        return self.has(object_id) and not self.doomed.contains(object_id)
+
     def locate(self, object_id: ObjectId) -> PackEntry:
         """Return where ``object_id`` is stored. Raises ObjectNotFound."""
         self._ensure_loaded()
@@ -613,7 +618,7 @@ class ObjectWriter:
         """
         oid = object_id or hash_object(object_type, data)
         # an object gc has doomed is stored again rather than relied on (FORMAT.md §11)
-        if oid in self._seen or (self._db.has(oid) and not self._db.doomed.contains(oid)):
+        if oid in self._seen or self._db.has_live(oid):
             self.stats.objects_skipped += 1
             self.stats.logical_skipped += len(data)
             return oid
@@ -636,7 +641,7 @@ class ObjectWriter:
         repacking an object out of a pack it is about to delete).
         """
         oid = entry.id
-        if oid in self._seen or (dedup and self._db.has(oid) and not self._db.doomed.contains(oid)):
+        if oid in self._seen or (dedup and self._db.has_live(oid)):
             self.stats.objects_skipped += 1
             self.stats.logical_skipped += entry.raw_length
             return False

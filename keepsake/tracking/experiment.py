@@ -35,6 +35,7 @@ from keepsake.repository import Repository
 from keepsake.objects.sessions import Operation
 from keepsake.tracking.journal import (
     Journal,
+    OWNER,
     JournalWriter,
     journal_folder,
     next_sequence,
@@ -611,7 +612,7 @@ class Experiment:
         folder = journal_folder(repo, self.id)
         if folder is None:
             return None
-        fd = take_owner(os.path.join(folder, "owner"), wait=True)
+        fd = take_owner(os.path.join(folder, OWNER), wait=True, create=True)
         if fd is None:  # another live process records this experiment
             return None
         self._journal_owner = fd
@@ -770,23 +771,17 @@ class Experiment:
                 file=sys.stderr,
             )
             return
+        stored = {r.checkpoint for r in results if r.stored}
+        recovered = tuple(c for c in self._pending if c.id in stored)
         self._ingest_error = None
         self._pending.clear()
         with self._stored:
             self._backlog.clear()
         self._queued = frozenset()
         if spool is not None:
-            # stored into the spool with its ref moved there: the uploader sends it on
-            with contextlib.suppress(KeepsakeError):
-                head_id = repo.refs.get(spool.ref)
-                head = HeadRecord.decode(repo.objects.get(head_id, ObjectType.HEAD), head_id)
-                known = {c.id: c for c in self._recorded()}
-                checkpoints = tuple(known[c] if c in known else self.project.checkpoint_summary(c) for c in head.checkpoints)
-                self._summary = replace(self._summary, head=head_id, checkpoints=checkpoints)
-                with self._remote_lock:
-                    self._spooled_heads[head_id] = self._summary
-                spool.reader.refresh()
-                spool.submit(head_id)
+            # appended to the spool's ref by recovery: recorded as ours, for the uploader
+            with spool.write_lock:
+                self._record_spooled(spool, None, self._summary.checkpoints + recovered, self._summary.status)
         else:
             with contextlib.suppress(KeepsakeError):
                 self._summary = self.project.load_summary(self.id)

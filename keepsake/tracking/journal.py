@@ -38,6 +38,7 @@ import msgpack
 
 from keepsake.errors import CorruptObject, KeepsakeError, ObjectNotFound, RefConflict, RefNotFound
 from keepsake.objects.database import ObjectDB
+from keepsake.objects.graph import walk
 from keepsake.objects.ids import ObjectId, ObjectType, hash_object, id_from_bytes, id_to_bytes
 from keepsake.objects.records import HeadRecord, referenced_ids
 from keepsake.repository import Repository
@@ -53,6 +54,7 @@ MAGIC = b"KSJRNL01"
 VERSION = 1
 #: bytes gathered (as views, no copies) before one writev into the journal
 WRITE_BATCH = 8 << 20
+IOV_MAX = os.sysconf("SC_IOV_MAX") if hasattr(os, "sysconf") else 1024
 _TRAILER_END = struct.Struct("<Q8s")  # trailer length, MAGIC
 RefReader = Callable[[str], ObjectId]
 
@@ -73,9 +75,10 @@ def journal_folder(repo: Repository, experiment: ObjectId | None = None) -> str 
 
 
 @contextlib.contextmanager
-def _locked(path: str) -> Iterator[bool]:
-    """Hold ``path`` (an owner file) locked for the block; yields False if someone else has it."""
-    fd = take_owner(path)
+def owner_lock(path: str, create: bool = False) -> Iterator[bool]:
+    """Hold the owner file ``path`` for the block, as :func:`take_owner` (without waiting);
+    yields False when a live process holds it (or, unless ``create``, the file is gone)."""
+    fd = take_owner(path, create=create)
     try:
         yield fd is not None
     finally:
@@ -83,23 +86,28 @@ def _locked(path: str) -> Iterator[bool]:
             os.close(fd)
 
 
-def take_owner(path: str, wait: bool = False) -> int | None:
-    """Lock the owner file ``path`` for this process; returns the file descriptor that holds
-    the lock (closing it releases it), or None.
+def take_owner(path: str, wait: bool = False, create: bool = False) -> int | None:
+    """Lock the owner file ``path`` (flock, released by the kernel when the process dies);
+    returns the file descriptor that holds the lock (closing it releases it), or None.
 
-    ``wait=False`` (recovery): None when a live process holds it, or when the folder is gone.
-    ``wait=True`` (the recording process, for its own new experiment's folder): creates the
-    folder and file, waits for a recoverer that holds the lock meanwhile, and starts over
-    when that recoverer removed the folder. Either way the lock is on the file that is at
-    ``path`` now (a lock on a file a recoverer just unlinked protects nothing).
+    The lock is always on the file that is at ``path`` now: a recoverer may remove a folder
+    (and its owner file) it found empty while another process waits on, or has just
+    opened, the file; a lock on the unlinked file would protect nothing, so that is seen
+    (inode compared) and, with ``create``, taken again on the new file.
+
+    Args:
+        wait: wait for the lock instead of returning None (the recording process, whose
+            own new folder only a recoverer can be holding, briefly).
+        create: create the file (and its folder) if missing; without it a missing file
+            gives None (recovery never recreates what it may have just removed).
     """
     while True:
-        if wait:
+        if create:
             os.makedirs(os.path.dirname(path), exist_ok=True)
         try:
-            fd = os.open(path, os.O_RDWR | (os.O_CREAT if wait else 0), 0o644)
+            fd = os.open(path, os.O_RDWR | (os.O_CREAT if create else 0), 0o644)
         except FileNotFoundError:
-            if wait:
+            if create:
                 continue  # removed between makedirs and open: again
             return None
         try:
@@ -116,7 +124,7 @@ def take_owner(path: str, wait: bool = False) -> int | None:
         if current:
             return fd
         os.close(fd)
-        if not wait:
+        if not create:
             return None
 
 
@@ -152,7 +160,7 @@ class JournalWriter:
 
     def put(self, object_type: ObjectType, data: bytes | memoryview, object_id: ObjectId | None = None) -> ObjectId:
         oid = object_id or hash_object(object_type, data)
-        if oid in self._seen or oid in self._queued or (self._db.has(oid) and not self._db.doomed.contains(oid)):
+        if oid in self._seen or oid in self._queued or self._db.has_live(oid):
             return oid
         self._seen.add(oid)
         self._objects.append((int(object_type), oid, len(data)))
@@ -165,10 +173,9 @@ class JournalWriter:
     def _write_batch(self) -> None:
         assert self._fd is not None
         # at most IOV_MAX buffers per writev; a short write is finished by plain writes
-        limit = getattr(os, "sysconf", lambda _: 1024)("SC_IOV_MAX") if hasattr(os, "sysconf") else 1024
         batch = self._batch
-        for start in range(0, len(batch), limit):
-            group = batch[start : start + limit]
+        for start in range(0, len(batch), IOV_MAX):
+            group = batch[start : start + IOV_MAX]
             written = os.writev(self._fd, group)
             for buf in group:
                 n = len(buf)
@@ -291,15 +298,10 @@ class Recovered:
     why: str = ""
 
 
-def recover_journals(repo: Repository) -> list[Recovered]:
-    """Store the checkpoints of journals whose process is gone (FORMAT.md §19)."""
-    return store_journals_of(repo)
-
-
-def store_journals_of(repo: Repository, remote: Repository | None = None) -> list[Recovered]:
-    """:func:`recover_journals`; for a spool (§18), ``remote`` is its remote repository: a
-    journal may rely on objects the spool pruned after uploading them, and the spool's ref
-    starts from the remote's head."""
+def recover_journals(repo: Repository, remote: Repository | None = None) -> list[Recovered]:
+    """Store the checkpoints of journals whose process is gone (FORMAT.md §19). For a spool
+    (§18), ``remote`` is its remote repository: a journal may rely on objects the spool
+    pruned after uploading them, and the spool's ref starts from the remote's head."""
     root = journal_folder(repo)
     if root is None or not os.path.isdir(root):
         return []
@@ -308,7 +310,7 @@ def store_journals_of(repo: Repository, remote: Repository | None = None) -> lis
         folder = os.path.join(root, name)
         if not os.path.isdir(folder):
             continue
-        with _locked(os.path.join(folder, OWNER)) as ours:
+        with owner_lock(os.path.join(folder, OWNER)) as ours:
             if not ours:
                 continue  # its process is alive and storing them itself
             done.extend(store_journals(repo, folder, remote))
@@ -317,8 +319,7 @@ def store_journals_of(repo: Repository, remote: Repository | None = None) -> lis
 
 
 def waiting_journals(repo: Repository) -> int:
-    """How many journals processes that are gone left in ``repo`` (read only: no lock file
-    is created; a folder whose owner file is missing or free counts as left)."""
+    """How many journals processes that are gone left in ``repo`` (creates nothing)."""
     root = journal_folder(repo)
     if root is None or not os.path.isdir(root):
         return 0
@@ -326,20 +327,9 @@ def waiting_journals(repo: Repository) -> int:
     for name in os.listdir(root):
         folder = os.path.join(root, name)
         found = journals_in(folder)
-        if not found:
-            continue
-        try:
-            fd = os.open(os.path.join(folder, OWNER), os.O_RDONLY)
-        except FileNotFoundError:
-            waiting += len(found)
-            continue
-        try:
-            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
-        except OSError:
-            continue  # its process is alive and storing them
-        finally:
-            os.close(fd)
-        waiting += len(found)
+        if found:
+            with owner_lock(os.path.join(folder, OWNER)) as gone:
+                waiting += len(found) if gone else 0
     return waiting
 
 
@@ -418,7 +408,7 @@ def _check(
             return f"object {oid} does not decode: {exc}"
     if journal.checkpoint not in have and not db.has(journal.checkpoint):
         return f"the checkpoint {journal.checkpoint} is neither in the journal nor stored"
-    missing = [oid for oid in needed if oid not in have and (not db.has(oid) or db.doomed.contains(oid))]
+    missing = [oid for oid in needed if oid not in have and not db.has_live(oid)]
     if missing:
         # a doomed object that is stored and reachable from the experiment's published
         # head stays (gc keeps what is reachable when it sweeps): an earlier checkpoint of
@@ -433,25 +423,14 @@ def _check(
 
 
 def _reachable_from_head(db: ObjectDB, experiment: ObjectId, ref_reader: RefReader) -> set[ObjectId]:
-    """Every object reachable from the published head of ``experiment`` (empty if none)."""
+    """The objects reachable from the published head of ``experiment`` (empty if none);
+    what the database lacks (a spool's pruned objects) is not followed."""
     try:
         head_id = ref_reader(experiment_ref(experiment))
     except RefNotFound:
         return set()
-    seen: set[ObjectId] = set()
-    todo: list[tuple[ObjectId, ObjectType]] = [(head_id, ObjectType.HEAD)]
-    while todo:
-        oid, object_type = todo.pop()
-        if oid in seen:
-            continue
-        seen.add(oid)
-        if object_type != ObjectType.CHUNK:
-            try:
-                content = db.get(oid, object_type)
-            except KeepsakeError:  # not here (a spool's pruned object): not reachable *here*
-                continue
-            todo.extend(referenced_ids(object_type, content, oid))
-    return seen
+    found = walk(db, [(head_id, ObjectType.HEAD, f"ref {experiment_ref(experiment)}")])
+    return found.objects - found.missing.keys()
 
 
 def _get_head(repo: Repository, remote: Repository | None, head_id: ObjectId) -> bytes:

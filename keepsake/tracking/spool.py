@@ -18,9 +18,6 @@ finished by ``keepsake push`` (no URL) or by the next run on the same repository
 
 from __future__ import annotations
 
-import contextlib
-import errno
-import fcntl
 import logging
 import os
 import shutil
@@ -35,7 +32,7 @@ from keepsake.objects.ids import ObjectId, ObjectType
 from keepsake.objects.pack import PackEntry, PackId, encode_index, index_key, pack_id_of_key
 from keepsake.objects.records import CheckpointRecord, HeadRecord, referenced_ids
 from keepsake.repository import Repository, cache_root
-from keepsake.tracking.journal import store_journals_of
+from keepsake.tracking.journal import owner_lock, recover_journals, take_owner
 from keepsake.storage import Storage
 from keepsake.transfer import BEHIND, CONFLICT, TransferResult, TransferStats, init_like, transfer
 
@@ -69,31 +66,6 @@ def _patience() -> float:
         return float(os.environ.get("KEEPSAKE_UPLOAD_PATIENCE", PATIENCE))
     except ValueError:
         return PATIENCE
-
-
-@contextlib.contextmanager
-def _owner_lock(path: str) -> Iterator[int | None]:
-    """Hold ``path``'s owner lock while the block runs; yields None if another process has it."""
-    fd = _take_owner_lock(path)
-    try:
-        yield fd
-    finally:
-        if fd is not None:
-            os.close(fd)
-
-
-def _take_owner_lock(path: str) -> int | None:
-    lock = os.path.join(path, OWNER_LOCK)
-    os.makedirs(os.path.dirname(lock), exist_ok=True)
-    fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o644)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except OSError as exc:
-        os.close(fd)
-        if exc.errno in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
-            return None
-        raise
-    return fd
 
 
 class SpoolReader(ObjectDB):
@@ -188,8 +160,8 @@ def flush_spools(
         path = os.path.join(root, name)
         if path in exclude or not os.path.isdir(path):
             continue
-        with _owner_lock(path) as fd:
-            if fd is None:
+        with owner_lock(os.path.join(path, OWNER_LOCK)) as gone:
+            if not gone:
                 continue  # its process is alive and uploading
             if not os.path.exists(os.path.join(path, "config")):
                 if not dry_run:
@@ -202,7 +174,7 @@ def flush_spools(
                 try:
                     if not dry_run:
                         # checkpoints the process captured but had not stored yet (§19)
-                        store_journals_of(spool, remote)
+                        recover_journals(spool, remote)
                     done.result = transfer(
                         spool, remote, partial=True, progress=progress, workers=UPLOAD_WORKERS, dry_run=dry_run
                     )
@@ -305,7 +277,7 @@ class Spool:
         """
         path = os.path.join(spool_root(remote.config.id), experiment_id)
         os.makedirs(path, exist_ok=True)
-        owner = _take_owner_lock(path)
+        owner = take_owner(os.path.join(path, OWNER_LOCK), create=True)
         if owner is None:
             return None
         try:

@@ -288,7 +288,7 @@ def test_a_recoverer_removing_a_new_folder_does_not_steal_its_owner(tmp_path: Pa
     recoverer = take_owner(owner)
     assert recoverer is not None
     got: list[int | None] = []
-    live = threading.Thread(target=lambda: got.append(take_owner(owner, wait=True)))
+    live = threading.Thread(target=lambda: got.append(take_owner(owner, wait=True, create=True)))
     live.start()
     live.join(0.3)
     assert live.is_alive()  # waits for the recoverer
